@@ -1,0 +1,24 @@
+"""jft: fine-tuning decoder language models in JAX/Flax.
+
+import jft
+model, params = jft.load_hf("path/to/model", dtype="float32")
+logits = model.apply({"params": params}, input_ids)          # [batch, length, vocab]
+tokens = jft.generate(model, params, prompt_ids, max_new_tokens=32)
+jft.save_hf(model, params, "out/")
+"""
+
+from jft.generate import generate
+from jft.hf import CheckpointError, load_hf, load_tokenizer, save_hf
+from jft.models.llama import LlamaConfig, LlamaForCausalLM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "generate",
+    "load_hf",
+    "load_tokenizer",
+    "save_hf",
+]

@@ -1,0 +1,423 @@
+"""Hugging Face checkpoints in and out: config.json <-> LlamaConfig, safetensors <-> params.
+
+Parameter paths map to HF tensor names by a plain rule (``model/layers/mlp/up_proj/kernel``
+at layer 3 is ``model.layers.3.mlp.up_proj.weight``, transposed), so the same map serves
+every module that later issues add. Only safetensors is read: jft never unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jft.models.llama import LlamaConfig, LlamaForCausalLM
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some checkpoints carry that are recomputed, not learned.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A model folder or file that jft cannot read, with what to do about it."""
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> LlamaConfig:
+    """Translate a transformers config dict (4.x or 5.x form) into a :class:`LlamaConfig`."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported; jft supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in hf:
+            raise CheckpointError(f"{source}: required key {key!r} is missing")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    # 5.x: rope_parameters holds rope_theta and the scaling; 4.x: rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = rope or dict(hf.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:  # the oldest spelling
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor is not supported")
+    scaling.pop("partial_rotary_factor", None)
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type not in ("default", "linear", "llama3"):
+        raise CheckpointError(
+            f"{source}: rope_type {rope_type!r} is not supported; jft supports 'default', 'linear', 'llama3'"
+        )
+    sliding, layer_types = hf.get("sliding_window"), hf.get("layer_types")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        sliding, layer_types = None, None
+    elif model_type in ("qwen2", "qwen3") and layer_types is None:
+        n, first = hf["num_hidden_layers"], hf.get("max_window_layers", hf["num_hidden_layers"])
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    eos = hf.get("eos_token_id")
+    kw = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(scaling.items())) if rope_type != "default" else None,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=hf.get("attention_bias", False) if model_type in ("llama", "qwen3") else False,
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        mlp_bias=hf.get("mlp_bias", False) if model_type == "llama" else False,
+        sliding_window=sliding,
+        layer_types=tuple(layer_types) if layer_types else None,
+        model_type=model_type,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    return LlamaConfig(**{**kw, **overrides})
+
+
+def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
+    """A config.json dict that transformers 4.x and 5.x both read (rope in both forms)."""
+    t = cfg.model_type
+    if t not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"model_type {t!r} cannot be written; use one of {SUPPORTED_MODEL_TYPES}")
+    expressible = {
+        "qkv_bias": t == "qwen2",
+        "qk_norm": t == "qwen3",
+        "attention_bias": t in ("llama", "qwen3") or not cfg.attention_bias,
+        "mlp_bias": t == "llama" or not cfg.mlp_bias,
+    }
+    for field, ok in expressible.items():
+        if getattr(cfg, field) and not ok:
+            raise CheckpointError(f"{field}=True cannot be expressed by a {t!r} config.json; change model_type")
+    if t == "qwen3" and not cfg.qk_norm:
+        raise CheckpointError("a 'qwen3' config.json implies q/k norms, but qk_norm=False; change model_type")
+    if t == "qwen2" and not cfg.qkv_bias:
+        raise CheckpointError("a 'qwen2' config.json implies q/k/v biases, but qkv_bias=False; change model_type")
+    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    eos = list(cfg.eos_token_id)
+    hf: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[t]],
+        "model_type": t,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, **(scaling or {"rope_type": "default"})},
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+    if t in ("llama", "qwen3"):
+        hf["attention_bias"] = cfg.attention_bias
+    if t == "llama":
+        hf["mlp_bias"] = cfg.mlp_bias
+    if t == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+        if cfg.layer_types and any(x != "sliding_attention" for x in cfg.layer_types):
+            raise CheckpointError("a 'mistral' config.json cannot express per-layer attention types")
+    if t in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = cfg.sliding_window is not None
+        hf["sliding_window"] = cfg.sliding_window
+        hf["max_window_layers"] = cfg.num_hidden_layers
+        hf["layer_types"] = list(cfg.layer_types or ("full_attention",) * cfg.num_hidden_layers)
+    elif cfg.sliding_window is not None and t != "mistral":
+        raise CheckpointError(f"a {t!r} config.json cannot express sliding_window; use model_type 'mistral'")
+    return hf
+
+
+# ---------------------------------------------------------------------------- names
+
+
+def hf_names(path: tuple[str, ...], num_layers: int) -> list[str]:
+    """HF tensor names for one jft param path: one per layer for stacked (scanned) params."""
+    *modules, leaf = path
+    if leaf not in _LEAF_TO_HF:
+        raise CheckpointError(f"param {'/'.join(path)} has no Hugging Face name (unknown leaf {leaf!r})")
+    tail = _LEAF_TO_HF[leaf]
+    if "layers" not in modules:
+        return [".".join([*modules, tail])]
+    i = modules.index("layers")
+    return [".".join([*modules[: i + 1], str(n), *modules[i + 1 :], tail]) for n in range(num_layers)]
+
+
+def _flat(tree: dict, prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A local model folder, or a hub repo id downloaded (config, safetensors, tokenizer only)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or str(path).startswith((".", "/", "~")):
+        raise CheckpointError(f"{path}: not a model folder (expected a directory with config.json)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+        return Path(snapshot_download(str(path), allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, no access
+        raise CheckpointError(
+            f"{path}: not a local folder and could not be downloaded from the Hugging Face hub ({e}); "
+            "pass the path of a downloaded model folder"
+        ) from e
+
+
+def read_config(folder: Path, **overrides) -> LlamaConfig:
+    """Read ``config.json`` (and EOS ids from ``generation_config.json``) of a model folder.
+
+    Parameters default to the checkpoint's stored dtype (float32 when it names none) and
+    compute defaults to the parameter dtype; ``overrides`` set any :class:`LlamaConfig` field.
+    """
+    file = folder / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; a Hugging Face model folder needs its config.json")
+    try:
+        hf = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e}); restore the file from the model's source") from e
+    gen = folder / "generation_config.json"
+    if gen.is_file() and "eos_token_id" not in overrides:
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            if eos is not None:
+                overrides["eos_token_id"] = tuple(eos if isinstance(eos, list) else [eos])
+    if overrides.get("param_dtype") is None:
+        stored = hf.get("dtype") or hf.get("torch_dtype")
+        overrides["param_dtype"] = stored if stored in _DTYPES else "float32"
+    if overrides.get("dtype") is None:
+        overrides["dtype"] = overrides["param_dtype"]
+    return config_from_hf(hf, str(file), **overrides)
+
+
+def _weight_map(folder: Path) -> dict[str, Path]:
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: unreadable or without 'weight_map' ({e})") from e
+        files = {name: folder / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{index} names shard {f.name}, which is missing; download it again")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickle checkpoints ({', '.join(pickles)}); jft never unpickles. Convert once with "
+            "transformers: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf(
+    path: str | os.PathLike,
+    dtype: str | None = None,
+    compute_dtype: str | None = None,
+    **config_overrides,
+) -> tuple[LlamaForCausalLM, dict]:
+    """Load a Hugging Face model folder (or hub id) into ``(model, params)``.
+
+    Args:
+      path: folder with config.json and safetensors weights (single or sharded).
+      dtype: parameter dtype ("float32", "bfloat16", "float16"); default: the checkpoint's
+        own dtype (config ``dtype``/``torch_dtype``), float32 when it names none.
+      compute_dtype: activation/matmul dtype; default ``dtype``. Logits are always float32.
+      config_overrides: any other :class:`LlamaConfig` field, e.g. ``remat="none"``.
+
+    Tensors are converted one parameter at a time (a layer stack is filled layer by layer),
+    so host memory stays near one model's size. Raises :class:`CheckpointError` naming the
+    file and tensor for a missing config, unsupported model, missing or misshapen tensor,
+    tensors the config does not explain, or a pickle-only checkpoint.
+    """
+    folder = resolve(path)
+    cfg = read_config(folder, param_dtype=dtype, dtype=compute_dtype, **config_overrides)
+    model = LlamaForCausalLM(cfg)
+    files = _weight_map(folder)
+    used = set()
+    params: dict = {}
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(files.values())}
+        for path_, spec in _flat(model.param_shapes()):
+            stacked = "layers" in path_[:-1]
+            per_layer = spec.shape[1:] if stacked else spec.shape
+            stored = per_layer[::-1] if path_[-1] == "kernel" else per_layer  # HF keeps [out, in]
+            buf = np.empty(spec.shape, _DTYPES[cfg.param_dtype])
+            for i, name in enumerate(hf_names(path_, cfg.num_hidden_layers)):
+                if name not in files:
+                    raise CheckpointError(
+                        f"{folder}: tensor {name!r} is missing from the checkpoint; "
+                        "check that config.json belongs to these weights"
+                    )
+                tensor = handles[files[name]].get_tensor(name)
+                if tensor.shape != tuple(stored):
+                    raise CheckpointError(
+                        f"{files[name]}: tensor {name!r} has shape {tensor.shape}, config.json implies "
+                        f"{tuple(stored)}; check that config.json belongs to these weights"
+                    )
+                buf[i if stacked else ...] = tensor.T if path_[-1] == "kernel" else tensor
+                used.add(name)
+            _set(params, path_, jnp.asarray(buf))
+            del buf
+    unknown = sorted(n for n in files if n not in used and not _IGNORED.match(n))
+    if cfg.tie_word_embeddings:
+        unknown = [n for n in unknown if n != "lm_head.weight"]
+    if unknown:
+        raise CheckpointError(
+            f"{folder}: {len(unknown)} tensors are not explained by config.json, e.g. {unknown[:5]}; "
+            "check that config.json belongs to these weights"
+        )
+    return model, params
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The folder's tokenizer via ``transformers.AutoTokenizer``, or None when it has none."""
+    folder = resolve(path)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, re.I)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: use bytes or e.g. '5GB', '500MB'")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** {"K": 1, "M": 2, "G": 3}[unit[0]])
+
+
+def save_hf(
+    model: LlamaForCausalLM,
+    params: dict,
+    out_dir: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    tokenizer=None,
+) -> Path:
+    """Write config.json + safetensors (sharded past ``max_shard_size``) that transformers loads.
+
+    ``dtype`` defaults to the params' dtype. Each file is written under a temporary name and
+    renamed, and shards of an earlier save into the same folder that the new one does not
+    use are removed. ``tokenizer`` (a transformers tokenizer) is saved beside the weights.
+    """
+    cfg = model.config
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    leaves = list(_flat(params))
+    dtype = dtype or str(jnp.dtype(leaves[0][1].dtype))
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {list(_DTYPES)}")
+    np_dtype = _DTYPES[dtype]
+    # Plan: (hf name, param path, layer or None, bytes), grouped into shards by size.
+    plan = []
+    for path_, leaf in leaves:
+        names = hf_names(path_, cfg.num_hidden_layers)
+        stacked = "layers" in path_[:-1]
+        for i, name in enumerate(names):
+            nbytes = int(np.prod(leaf.shape[1:] if stacked else leaf.shape)) * np.dtype(np_dtype).itemsize
+            plan.append((name, path_, i if stacked else None, nbytes))
+    limit = _parse_size(max_shard_size)
+    shards: list[list] = [[]]
+    size = 0
+    for entry in plan:
+        if shards[-1] and size + entry[3] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry[3]
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    lookup = dict(leaves)
+    for fname, shard in zip(names, shards, strict=True):
+        tensors = {}
+        for name, path_, layer, _ in shard:
+            value = lookup[path_] if layer is None else lookup[path_][layer]
+            array = np.asarray(jax.device_get(value)).astype(np_dtype)
+            tensors[name] = np.ascontiguousarray(array.T if path_[-1] == "kernel" else array)
+        _atomic(out / fname, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        del tensors
+    index = out / "model.safetensors.index.json"
+    if n > 1:
+        weight_map = {e[0]: f for f, shard in zip(names, shards, strict=True) for e in shard}
+        body = {"metadata": {"total_size": sum(e[3] for e in plan)}, "weight_map": weight_map}
+        _atomic(index, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
+    for stale in out.glob("model*.safetensors*"):
+        if stale.name not in names and not (n > 1 and stale == index):
+            stale.unlink()
+    body = json.dumps(config_to_hf(cfg, dtype), indent=2)
+    _atomic(out / "config.json", lambda tmp: Path(tmp).write_text(body))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(str(tmp))
+    os.replace(tmp, target)

@@ -1,0 +1,179 @@
+"""Building blocks shared by the decoder families: Linear, RMSNorm, RoPE, attention, KV cache.
+
+Every parameter is created with logical axis names (``embed``, ``mlp``, ``heads``,
+``kv_heads``, ``head_dim``, ``vocab``; ``layers`` is added by the layer scan) so that
+one rules table can later map them onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# A large finite negative instead of -inf: a query that may attend to nothing (a padding
+# position) then gets a uniform distribution instead of NaN.
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)`` with kernel ``[in, out]`` and logical axes ``axes``.
+
+    ``out_dtype`` lets the lm_head accumulate and return float32 logits from bf16 inputs
+    without materialising a float32 copy of its kernel.
+    """
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    out_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(default_init, self.axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        out_dtype = self.out_dtype or self.dtype
+        y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=out_dtype)
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]),
+                (self.features,),
+                self.param_dtype,
+            )
+            y = y + bias.astype(out_dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as Hugging Face Llama does."""
+
+    eps: float
+    axis_name: str = "embed"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float32) for the rope type in ``scaling``.
+
+    Supported types: ``default``, ``linear`` (positions divided by ``factor``) and
+    ``llama3`` (low frequencies divided by ``factor``, a smooth ramp between).
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope_type {rope_type!r}: jft supports 'default', 'linear' and 'llama3'")
+
+
+def rope_angles(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos and sin, each ``[batch, length, head_dim // 2]`` float32, for integer positions."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_bthd: Array, cos: Array, sin: Array) -> Array:
+    """Rotate the two halves of the head dimension (the Hugging Face "rotate_half" layout)."""
+    x = x_bthd.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthd.dtype)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention(q_bthd: Array, k_bskd: Array, v_bskd: Array, mask_bts: Array) -> Array:
+    """Grouped-query attention; scores and softmax in float32.
+
+    q: ``[batch, t, heads, head_dim]``; k, v: ``[batch, s, kv_heads, head_dim]``;
+    mask: ``[batch, t, s]`` bool (True = may attend). Returns ``[batch, t, heads * head_dim]``.
+    """
+    b, t, h, d = q_bthd.shape
+    kv = k_bskd.shape[2]
+    q = q_bthd.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bts[:, None, None], scores * (d**-0.5), MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+    return out.reshape(b, t, h * d)
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Position of each token inside its segment: ``[0, 1, 2, 0, 1, ...]`` for packed rows."""
+    t = segment_ids.shape[-1]
+    idx = jnp.arange(t)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of all layers for incremental decoding.
+
+    k, v: ``[layers, batch, length, kv_heads, head_dim]``; mask: ``[batch, length]`` bool,
+    True where a real token was written; index: int32 scalar, the next slot to write.
+    Every row writes at the same slot, so prompts of different lengths are left-padded.
+    """
+
+    k: Array
+    v: Array
+    mask: Array
+    index: Array
+
+    @classmethod
+    def create(cls, layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Any):
+        shape = (layers, batch, length, kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch, length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )

@@ -1,0 +1,292 @@
+"""The Llama family: Llama 2 / 3 / 3.1 / 3.2, Mistral, Qwen2 and Qwen3, one decoder with flags.
+
+Parameter names mirror Hugging Face (``model/layers/self_attn/q_proj/kernel``); the decoder
+layers are stacked along a leading ``layers`` axis and run with ``nn.scan`` + ``nn.remat``,
+so compile time does not grow with depth.
+
+    model = LlamaForCausalLM(LlamaConfig.tiny())
+    params = model.init_params(jax.random.key(0))
+    logits = model.apply({"params": params}, input_ids)        # [batch, length, vocab] f32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.models.layers import (
+    KVCache,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    attention,
+    default_init,
+    rope_angles,
+    rope_inv_freq,
+    segment_positions,
+)
+
+Array = jax.Array
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and numerics of one decoder. Hashable, so it can live on a Flax module."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Qwen3 sets it)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the HF dict
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v/o biases (Llama's attention_bias)
+    qkv_bias: bool = False  # q/k/v biases only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # attend to at most this many previous tokens
+    layer_types: tuple[str, ...] | None = None  # "full_attention" / "sliding_attention" per layer
+    model_type: str = "llama"  # written back to config.json
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat: str = "nothing_saveable"  # activation checkpointing policy of each layer
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not supported; use one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def layer_windows(self) -> np.ndarray:
+        """Per-layer attention window ``[layers]`` int32; a huge value means full attention."""
+        full = np.iinfo(np.int32).max
+        types = self.layer_types or ("sliding_attention",) * self.num_hidden_layers
+        return np.array(
+            [self.sliding_window if t == "sliding_attention" and self.sliding_window else full for t in types],
+            np.int32,
+        )
+
+    @classmethod
+    def tiny(cls, **overrides) -> LlamaConfig:
+        """A few-hundred-thousand-parameter model for tests and examples."""
+        kw = dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        return cls(**{**kw, **overrides})
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv_cache, index):
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        bias = cfg.attention_bias or cfg.qkv_bias
+        proj = lambda n, f, ax, b: Linear(f, ax, use_bias=b, dtype=dt, param_dtype=pdt, name=n)  # noqa: E731
+        b, t, _ = x.shape
+        q = proj("q_proj", h * d, ("embed", "heads"), bias)(x).reshape(b, t, h, d)
+        k = proj("k_proj", kv * d, ("embed", "kv_heads"), bias)(x).reshape(b, t, kv, d)
+        v = proj("v_proj", kv * d, ("embed", "kv_heads"), bias)(x).reshape(b, t, kv, d)
+        if cfg.qk_norm:
+            norm = lambda n: RMSNorm(cfg.rms_norm_eps, "head_dim", dt, pdt, name=n)  # noqa: E731
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:  # write the new keys/values at `index`, attend to the whole cache
+            k_cache, v_cache = kv_cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            kv_cache = (k, v)
+        out = attention(q, k.astype(dt), v.astype(dt), mask)
+        return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.attention_bias)(out), kv_cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        up = lambda n: Linear(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, dt, pdt, name=n)  # noqa: E731
+        hidden = nn.silu(up("gate_proj")(x)) * up("up_proj")(x)
+        return Linear(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, dt, pdt, name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block. Scanned: ``(x, broadcast..., per-layer xs) -> (x, per-layer ys)``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, base_mask, q_idx, k_idx, index, xs):
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        window, kv_cache = xs
+        mask = base_mask & ((q_idx[:, None] - k_idx[None, :]) < window)[None]
+        h, kv_cache = Attention(cfg, name="self_attn")(
+            RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name="input_layernorm")(x), cos, sin, mask, kv_cache, index
+        )
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name="post_attention_layernorm")(x))
+        return x, kv_cache
+
+
+class Decoder(nn.Module):
+    """Embeddings, the scanned layer stack and the final norm: hidden states ``[b, t, embed]``."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.with_logical_partitioning(default_init, ("vocab", "embed")),
+            dtype=dt,
+            param_dtype=pdt,
+        )
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            policy = getattr(jax.checkpoint_policies, cfg.remat)
+            layer = nn.remat(layer, policy=policy, prevent_cse=False)
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 6 + (0,),
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt)
+
+    def __call__(self, input_ids, positions, attention_mask, segment_ids, cache):
+        cfg = self.config
+        b, t = input_ids.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            q_idx = k_idx = jnp.arange(t)
+            key_valid, index = valid, None
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+            index = cache.index
+            q_idx, k_idx = index + jnp.arange(t), jnp.arange(cache.mask.shape[1])
+            key_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, index))
+        if positions is None:
+            if segment_ids is not None:
+                positions = segment_positions(segment_ids)
+            else:  # count of real tokens before each one, so left padding does not shift positions
+                seen = 0 if cache is None else cache.mask.sum(-1, keepdims=True)
+                positions = jnp.maximum(seen + jnp.cumsum(valid, axis=-1) - 1, 0)
+        mask = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]  # [b, t, s]
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_size, cfg.rope_theta, _dict(cfg.rope_scaling)))
+        x = self.embed_tokens(input_ids)
+        xs = (jnp.asarray(cfg.layer_windows), None if cache is None else (cache.k, cache.v))
+        x, kv = self.layers(x, cos, sin, mask, q_idx, k_idx, index, xs)
+        if cache is not None:
+            cache = KVCache(k=kv[0], v=kv[1], mask=key_valid, index=index + t)
+        return self.norm(x), cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + lm_head. Returns float32 logits ``[b, t, vocab]`` (and the cache when given one).
+
+    Args to ``__call__``: ``input_ids [b, t]`` int; ``positions [b, t]`` (default: from the
+    mask, segments or cache); ``attention_mask [b, t]`` (1 = real token, 0 = padding);
+    ``segment_ids [b, t]`` (packed rows: tokens attend only inside their segment);
+    ``cache`` a :class:`KVCache` for incremental decoding; ``last_only`` computes the logits
+    of the last position alone (``[b, 1, vocab]``), as the prefill of generation needs.
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.model = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                out_dtype=jnp.float32,
+            )
+
+    def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None, cache=None, last_only=False):
+        x, new_cache = self.model(input_ids, positions, attention_mask, segment_ids, cache)
+        if last_only:
+            x = x[:, -1:]
+        if self.config.tie_word_embeddings:
+            emb = self.model.embed_tokens.embedding
+            logits = jnp.matmul(x, emb.T.astype(x.dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_params(self, rng: Array) -> dict:
+        """Random parameters (plain arrays, no logical-axis boxes), normal(0.02) like HF."""
+        return nn.unbox(jax.jit(self.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+
+    def param_shapes(self) -> dict:
+        """``jax.ShapeDtypeStruct`` of every parameter, computed without allocating any."""
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+    def logical_axes(self) -> dict:
+        """The logical axis names of every parameter, as ``PartitionSpec`` leaves."""
+        boxed = jax.eval_shape(lambda: self.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+        return nn.get_partition_spec(boxed)
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
+        """An empty cache for ``batch`` rows of at most ``length`` tokens (prompt + new)."""
+        cfg = self.config
+        return KVCache.create(
+            cfg.num_hidden_layers,
+            batch,
+            length,
+            cfg.num_key_value_heads,
+            cfg.head_size,
+            jnp.dtype(dtype or cfg.dtype),
+        )
+
+
+def _dict(items):
+    return dict(items) if items else None

@@ -1,0 +1,73 @@
+"""Tiny random Hugging Face models, built locally with transformers + torch (no network)."""
+
+import pytest
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> (model_type, config overrides): one entry per feature the decoder must reproduce.
+VARIANTS = {
+    "llama_gqa": ("llama", {}),
+    "llama_mha_bias": ("llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+    "llama3_rope": (
+        "llama",
+        dict(
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
+    "llama_linear_rope": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=4.0))),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True)),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", dict(head_dim=24)),
+    "mistral_window": ("mistral", dict(sliding_window=5, head_dim=16)),
+}
+
+
+def build_hf_model(model_type: str, path, **overrides):
+    """Save a random model of ``model_type`` to ``path``; norms and biases randomised too."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**BASE, **overrides})
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """``hf_model_dir(variant) -> folder`` of a saved tiny model, built once per session."""
+    built = {}
+
+    def make(variant: str):
+        if variant not in built:
+            model_type, overrides = VARIANTS[variant]
+            built[variant] = tmp_path_factory.mktemp(variant)
+            build_hf_model(model_type, built[variant], **overrides)
+        return built[variant]
+
+    return make
