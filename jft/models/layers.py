@@ -128,19 +128,35 @@ def apply_rope(x_bthd: Array, cos: Array, sin: Array) -> Array:
 # ---------------------------------------------------------------------------- attention
 
 
-def attention(q_bthd: Array, k_bskd: Array, v_bskd: Array, mask_bts: Array) -> Array:
-    """Grouped-query attention; scores and softmax in float32.
+def attention(q_bthd: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
+    """Grouped-query attention over one or more key/value blocks; scores and softmax in float32.
 
-    q: ``[batch, t, heads, head_dim]``; k, v: ``[batch, s, kv_heads, head_dim]``;
-    mask: ``[batch, t, s]`` bool (True = may attend). Returns ``[batch, t, heads * head_dim]``.
+    q: ``[batch, t, heads, head_dim]``; each block is ``(k, v, mask)`` with k, v
+    ``[batch, kv_heads, s, head_dim]`` (the layout in which the per-head matmuls read
+    contiguous memory) and mask ``[batch, t, s]`` bool (True = may attend).
+    The softmax runs over the keys of all blocks together, so a KV cache and the new tokens
+    are attended to without writing the new keys into the cache first.
+    Returns ``[batch, t, heads * head_dim]``.
     """
     b, t, h, d = q_bthd.shape
-    kv = k_bskd.shape[2]
-    q = q_bthd.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_bts[:, None, None], scores * (d**-0.5), MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+    kv = blocks[0][0].shape[1]
+    g = h // kv
+    # Fold the query groups into the query axis: per (batch, kv head) one [g*t, d] x [d, s]
+    # matmul, which XLA runs without transposing the (large) keys and values.
+    q = q_bthd.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    batch_dims = ((0, 1), (0, 1))
+    scores = []
+    for k, _, mask in blocks:
+        s = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32)
+        s = s.reshape(b, kv, g, t, -1) * (d**-0.5)
+        scores.append(jnp.where(mask[:, None, None], s, MASK_VALUE))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).reshape(b, kv, g * t, -1)
+    out, start = 0.0, 0
+    for k, v, _ in blocks:
+        p = probs[..., start : start + k.shape[2]].astype(v.dtype)
+        out = out + jax.lax.dot_general(p, v, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)
+        start += k.shape[2]
+    out = out.astype(q_bthd.dtype).reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, h * d)
 
 
@@ -158,22 +174,40 @@ def segment_positions(segment_ids: Array) -> Array:
 class KVCache:
     """Keys and values of all layers for incremental decoding.
 
-    k, v: ``[layers, batch, length, kv_heads, head_dim]``; mask: ``[batch, length]`` bool,
+    k, v: ``[layers, batch, kv_heads, length, head_dim]``; mask: ``[batch, length]`` bool,
     True where a real token was written; index: int32 scalar, the next slot to write.
     Every row writes at the same slot, so prompts of different lengths are left-padded.
+    ``empty`` is static: a fresh cache is known to hold nothing, so the first call (the
+    prefill) attends to its own tokens only instead of to ``length`` empty slots.
     """
 
     k: Array
     v: Array
     mask: Array
     index: Array
+    empty: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(cls, layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Any):
-        shape = (layers, batch, length, kv_heads, head_dim)
+        shape = (layers, batch, kv_heads, length, head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
             mask=jnp.zeros((batch, length), bool),
             index=jnp.zeros((), jnp.int32),
+            empty=True,
+        )
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def write(self, k: Array, v: Array, valid: Array) -> KVCache:
+        """Store the new tokens' keys/values ``[layers, batch, kv_heads, t, head_dim]`` at ``index``."""
+        at = (0, 0, 0, self.index, 0)
+        return KVCache(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+            mask=jax.lax.dynamic_update_slice(self.mask, valid, (0, self.index)),
+            index=self.index + k.shape[3],
         )

@@ -113,7 +113,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_cache, index):
+    def __call__(self, x, cos, sin, masks, kv_cache):
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
@@ -127,13 +127,12 @@ class Attention(nn.Module):
             norm = lambda n: RMSNorm(cfg.rms_norm_eps, "head_dim", dt, pdt, name=n)  # noqa: E731
             q, k = norm("q_norm")(q), norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:  # write the new keys/values at `index`, attend to the whole cache
-            k_cache, v_cache = kv_cache
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            kv_cache = (k, v)
-        out = attention(q, k.astype(dt), v.astype(dt), mask)
-        return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.attention_bias)(out), kv_cache
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, head_dim]
+        blocks = [(k, v, masks[0])]
+        if kv_cache is not None:  # earlier tokens; the caller writes the new k, v into the cache
+            blocks.insert(0, (kv_cache[0].astype(dt), kv_cache[1].astype(dt), masks[1]))
+        out = attention(q, blocks)
+        return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.attention_bias)(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -149,22 +148,25 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block. Scanned: ``(x, broadcast..., per-layer xs) -> (x, per-layer ys)``."""
+    """One pre-norm block, scanned: ``(x, broadcast..., per-layer xs) -> (x, per-layer ys)``.
+
+    xs: this layer's attention window and cached keys/values (or None); ys: the keys and
+    values of the new tokens, which the decoder writes into the cache.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, base_mask, q_idx, k_idx, index, xs):
+    def __call__(self, x, cos, sin, masks, distances, xs):
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         window, kv_cache = xs
-        mask = base_mask & ((q_idx[:, None] - k_idx[None, :]) < window)[None]
-        h, kv_cache = Attention(cfg, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name="input_layernorm")(x), cos, sin, mask, kv_cache, index
-        )
+        masks = [m & (dist < window)[None] for m, dist in zip(masks, distances, strict=True)]
+        norm = lambda n: RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name=n)  # noqa: E731
+        h, new_kv = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin, masks, kv_cache)
         x = x + h
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name="post_attention_layernorm")(x))
-        return x, kv_cache
+        x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        return x, new_kv
 
 
 class Decoder(nn.Module):
@@ -184,13 +186,12 @@ class Decoder(nn.Module):
         )
         layer = DecoderLayer
         if cfg.remat != "none":
-            policy = getattr(jax.checkpoint_policies, cfg.remat)
-            layer = nn.remat(layer, policy=policy, prevent_cse=False)
+            layer = nn.remat(layer, policy=getattr(jax.checkpoint_policies, cfg.remat), prevent_cse=False)
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 6 + (0,),
+            in_axes=(nn.broadcast,) * 4 + (0,),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg)
@@ -200,30 +201,30 @@ class Decoder(nn.Module):
         cfg = self.config
         b, t = input_ids.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        if cache is None:
-            q_idx = k_idx = jnp.arange(t)
-            key_valid, index = valid, None
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
-            index = cache.index
-            q_idx, k_idx = index + jnp.arange(t), jnp.arange(cache.mask.shape[1])
-            key_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, index))
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
         if positions is None:
             if segment_ids is not None:
                 positions = segment_positions(segment_ids)
             else:  # count of real tokens before each one, so left padding does not shift positions
                 seen = 0 if cache is None else cache.mask.sum(-1, keepdims=True)
                 positions = jnp.maximum(seen + jnp.cumsum(valid, axis=-1) - 1, 0)
-        mask = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]  # [b, t, s]
+        # Masks [b, t, keys] and index distances [t, keys] for the new tokens, then the cache.
+        new_idx = jnp.arange(t)
+        masks = [(new_idx[None, :] <= new_idx[:, None])[None] & valid[:, None, :]]
+        distances = [new_idx[:, None] - new_idx[None, :]]
         if segment_ids is not None:
-            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            masks[0] &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        kv_cache = None
+        if cache is not None and not cache.empty:  # cached slots all precede the new tokens
+            masks.append(jnp.broadcast_to(cache.mask[:, None, :], (b, t, cache.length)))
+            distances.append(cache.index + new_idx[:, None] - jnp.arange(cache.length)[None, :])
+            kv_cache = (cache.k, cache.v)
         cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_size, cfg.rope_theta, _dict(cfg.rope_scaling)))
         x = self.embed_tokens(input_ids)
-        xs = (jnp.asarray(cfg.layer_windows), None if cache is None else (cache.k, cache.v))
-        x, kv = self.layers(x, cos, sin, mask, q_idx, k_idx, index, xs)
+        x, (k, v) = self.layers(x, cos, sin, masks, distances, (jnp.asarray(cfg.layer_windows), kv_cache))
         if cache is not None:
-            cache = KVCache(k=kv[0], v=kv[1], mask=key_valid, index=index + t)
+            cache = cache.write(k, v, valid)
         return self.norm(x), cache
 
 
