@@ -39,8 +39,10 @@ def sample_logits(logits: Array, rng: Array, temperature: float, top_k: int | No
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _prefill(model, params, ids, mask, cache):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prefill(model, params, ids, mask, cache_length):
+    """Run the prompts ``[b, t]`` into a fresh cache of ``cache_length`` slots; last logits ``[b, vocab]``."""
+    cache = model.init_cache(ids.shape[0], cache_length)
     logits, cache = model.apply({"params": params}, ids, attention_mask=mask, cache=cache, last_only=True)
     return logits[:, -1], cache
 
@@ -127,12 +129,11 @@ def generate(
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos[0] >= 0 else 0)
 
-    batch, length = ids.shape
+    length = ids.shape[1]
     prompt_len, new_len = _bucket(length), _bucket(max_new_tokens)
     ids = np.pad(ids, ((0, 0), (prompt_len - length, 0)))
     mask = np.pad(mask, ((0, 0), (prompt_len - length, 0)))
-    cache = model.init_cache(batch, prompt_len + new_len)
-    logits, cache = _prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), cache)
+    logits, cache = _prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), prompt_len + new_len)
     out = _decode(
         model,
         params,

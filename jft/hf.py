@@ -296,7 +296,9 @@ def load_hf(
     params: dict = {}
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(files.values())}
-        for path_, spec in _flat(model.param_shapes()):
+
+        def read(path_, spec) -> jax.Array:
+            """One param: its HF tensors (one per layer if stacked) checked and copied into place."""
             stacked = "layers" in path_[:-1]
             per_layer = spec.shape[1:] if stacked else spec.shape
             stored = per_layer[::-1] if path_[-1] == "kernel" else per_layer  # HF keeps [out, in]
@@ -315,8 +317,10 @@ def load_hf(
                     )
                 buf[i if stacked else ...] = tensor.T if path_[-1] == "kernel" else tensor
                 used.add(name)
-            _set(params, path_, jnp.asarray(buf))
-            del buf
+            return jax.device_put(buf).block_until_ready()  # placed before buf is released
+
+        for path_, spec in _flat(model.param_shapes()):
+            _set(params, path_, read(path_, spec))
     unknown = sorted(n for n in files if n not in used and not _IGNORED.match(n))
     if cfg.tie_word_embeddings:
         unknown = [n for n in unknown if n != "lm_head.weight"]

@@ -121,21 +121,24 @@ def test_hf_names_for_stacked_and_top_level_params():
     assert hf_names(("model", "embed_tokens", "embedding"), 2) == ["model.embed_tokens.weight"]
 
 
-def test_tokenizer_is_loaded_when_present(hf_model_dir, tmp_path):
+def tiny_tokenizer():
+    """A five-word WordLevel tokenizer, built locally (no hub)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    folder = tmp_path / "m"
-    shutil.copytree(hf_model_dir("llama_gqa"), folder)
-    assert jft.load_tokenizer(folder) is None
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_tokenizer_is_loaded_when_present(hf_model_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(hf_model_dir("llama_gqa"), folder)
+    assert jft.load_tokenizer(folder) is None
     model, params = jft.load_hf(folder)
-    jft.save_hf(model, params, folder, tokenizer=fast)
-    loaded = jft.load_tokenizer(folder)
-    assert loaded("hello world")["input_ids"] == [3, 4]
+    jft.save_hf(model, params, folder, tokenizer=tiny_tokenizer())
+    assert jft.load_tokenizer(folder)("hello world")["input_ids"] == [3, 4]
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -226,3 +229,26 @@ def _leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_loading_holds_one_parameter_on_the_host_at_a_time(tmp_path):
+    """Host allocations while loading peak near one model's size, not two.
+
+    On the CPU backend the loaded params may live in the very host buffers they were read
+    into (up to 1x the model); what loading adds on top is one parameter and one tensor.
+    Reading the whole checkpoint before converting it would peak at 2x or more."""
+    import tracemalloc
+
+    from conftest import build_hf_model
+
+    build_hf_model("llama", tmp_path, vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    jft.load_hf(tmp_path, dtype="float32")  # warm up: imports and tracing caches are not the weights
+    tracemalloc.start()
+    try:
+        _, params = jft.load_hf(tmp_path, dtype="float32")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    model_bytes = sum(x.nbytes for x in _leaves(params))
+    assert max(x.nbytes for x in _leaves(params)) < 0.2 * model_bytes
+    assert peak < 1.5 * model_bytes, (peak, model_bytes)

@@ -1,0 +1,56 @@
+"""The `jft` command: help, generation from a model folder, and clear errors."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from test_hf import tiny_tokenizer
+
+import jft
+from jft.cli import main
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "jft.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "generate" in out.stdout
+
+
+def test_generate_prints_the_continuations(hf_model_dir, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(hf_model_dir("llama_gqa"), folder)
+    model, params = jft.load_hf(folder)
+    jft.save_hf(model, params, folder, tokenizer=tiny_tokenizer())
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(folder),
+                "--prompt",
+                "hello world",
+                "--prompt",
+                "world",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("hello world") and lines[1].startswith("world")
+
+
+def test_generate_without_tokenizer_says_so(hf_model_dir, capsys):
+    assert main(["generate", "--model", str(hf_model_dir("llama_gqa")), "--prompt", "hi"]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err
+
+
+def test_bad_model_folder_is_a_clean_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "config.json: missing" in capsys.readouterr().err
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
