@@ -58,6 +58,8 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> LlamaC
         raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     # 5.x: rope_parameters holds rope_theta and the scaling; 4.x: rope_theta + rope_scaling.
     rope = dict(hf.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise CheckpointError(f"{source}: rope_parameters per layer type are not supported by these model types")
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = rope or dict(hf.get("rope_scaling") or {})
     if "type" in scaling and "rope_type" not in scaling:  # the oldest spelling

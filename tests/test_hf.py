@@ -252,3 +252,15 @@ def test_loading_holds_one_parameter_on_the_host_at_a_time(tmp_path):
     model_bytes = sum(x.nbytes for x in _leaves(params))
     assert max(x.nbytes for x in _leaves(params)) < 0.2 * model_bytes
     assert peak < 1.5 * model_bytes, (peak, model_bytes)
+
+
+def test_unsupported_rope_is_named():
+    common = dict(
+        model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2
+    )
+    with pytest.raises(CheckpointError, match="rope_type 'yarn' is not supported"):
+        config_from_hf({**common, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(CheckpointError, match="per layer type"):
+        config_from_hf({**common, "rope_parameters": {"full_attention": {"rope_theta": 1e4}}})
+    with pytest.raises(CheckpointError, match="hidden_act 'gelu' is not supported"):
+        config_from_hf({**common, "hidden_act": "gelu"})

@@ -203,7 +203,11 @@ class KVCache:
         return self.mask.shape[1]
 
     def write(self, k: Array, v: Array, valid: Array) -> KVCache:
-        """Store the new tokens' keys/values ``[layers, batch, kv_heads, t, head_dim]`` at ``index``."""
+        """Store the new tokens' keys/values ``[layers, batch, kv_heads, t, head_dim]`` at ``index``.
+
+        The caller sizes the cache: ``index + t`` must not exceed ``length`` (inside jit the
+        write position cannot be checked, and XLA would clamp it, overwriting the last slots).
+        """
         at = (0, 0, 0, self.index, 0)
         return KVCache(
             k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
