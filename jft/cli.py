@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
-def _generate(args) -> int:
+def _generate(args, overrides) -> int:
     import jax
     import numpy as np
 
@@ -40,6 +41,30 @@ def _generate(args) -> int:
     return 0
 
 
+def _train(args, overrides) -> int:
+    from jft.config import load_config
+    from jft.train import fit
+
+    report = fit(load_config(args.config, overrides), args.workdir)
+    if report.get("status") == "preempted":
+        return 0
+    print(
+        f"report: {args.workdir}/report.json; model: {report.get('hf', '(not exported)')}; "
+        f"metrics: {args.workdir}/metrics.jsonl, {args.workdir}/tb, plot: {args.workdir}/loss.png"
+    )
+    return 0
+
+
+def _eval(args, overrides) -> int:
+    from jft.config import load_config
+    from jft.train import evaluate
+
+    report = evaluate(load_config(args.config, overrides), args.model, args.out)
+    print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
+    print(f"report: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jft", description="Fine-tune decoder language models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,20 +78,44 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="rng seed for sampling")
     gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
     gen.set_defaults(func=_generate)
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune as a config file says; override fields with --config.a.b=value",
+        description="Fine-tune as a config file says. Any field can be overridden: --config.optim.learning_rate=3e-4. "
+        "Running again with the same workdir resumes from its latest checkpoint.",
+    )
+    train.add_argument("--config", required=True, help="a Python file with get_config(), e.g. configs/quickstart.py")
+    train.add_argument("--workdir", required=True, help="where checkpoints, logs, reports and the model go")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and generation metrics of a model on a config's data")
+    ev.add_argument("--config", required=True, help="config file whose data.validation (or split) is scored")
+    ev.add_argument("--model", required=True, help="Hugging Face model folder, e.g. WORKDIR/hf")
+    ev.add_argument("--out", required=True, help="JSON report file to write")
+    ev.set_defaults(func=_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "generate":
+        overrides = []
+    if len(overrides) != len(rest):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
+    from jft.config import ConfigError
+    from jft.data import DataError
     from jft.hf import CheckpointError
+    from jft.train.trainer import TrainingError
 
     try:
-        return args.func(args)
-    except CheckpointError as e:
+        return args.func(args, overrides)
+    except (CheckpointError, ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

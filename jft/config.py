@@ -1,0 +1,169 @@
+"""Run configuration: one schema, Python config files, ``--config.a.b=value`` overrides.
+
+A config file defines ``get_config()`` returning the :func:`default_config` with some fields
+changed. The schema is locked: an unknown key, in a file or an override, is an error that
+lists the valid keys, and ml_collections refuses a value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def default_config() -> ConfigDict:
+    """Every field jft reads, with its default. Config files start from this."""
+    c = ConfigDict()
+
+    c.model = ConfigDict()
+    c.model.path = ""  # Hugging Face model folder or hub id; "" = a new model from model.new
+    c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16 | float16
+    c.model.compute_dtype = ""  # activation/matmul dtype; "" = model.dtype
+    c.model.remat = "nothing_saveable"  # activation checkpointing per layer (see LlamaConfig.remat)
+    c.model.new = ConfigDict()  # architecture of a new, randomly initialised model (model.path = "")
+    c.model.new.hidden_size = 256  # embedding width
+    c.model.new.intermediate_size = 704  # MLP width
+    c.model.new.num_hidden_layers = 4  # decoder layers
+    c.model.new.num_attention_heads = 4  # query heads
+    c.model.new.num_key_value_heads = 2  # key/value heads (grouped-query attention)
+    c.model.new.tie_word_embeddings = True  # share the input embedding and the lm_head
+
+    c.tokenizer = ConfigDict()
+    c.tokenizer.path = ""  # tokenizer folder; "" = model.path's tokenizer
+    c.tokenizer.train_on_data = False  # build a small BPE tokenizer from the training data (new models)
+
+    c.data = ConfigDict()
+    c.data.train = ""  # training data: .jsonl/.json/.parquet/.csv file or folder, hub name, or tfds:NAME
+    c.data.validation = ""  # validation data (same forms); "" = split off data.validation_fraction
+    c.data.validation_fraction = 0.05  # share of the training records held out when data.validation = ""
+    c.data.split = "train"  # split name for hub and TFDS datasets
+    c.data.data_dir = ""  # TFDS data_dir
+    c.data.format = "auto"  # auto | instruction | chat | prompt_completion | text
+    c.data.template = "alpaca"  # instruction template: alpaca | simple | compact
+    c.data.seq_len = 512  # tokens per training row
+    c.data.overlong = "truncate"  # records longer than seq_len: truncate | drop (both counted)
+    c.data.pack = True  # pack several records into one row (segment ids keep them apart)
+    c.data.prompt_loss_weight = 0.1  # loss weight of prompt tokens (0 = completion-only)
+    c.data.response_loss_weight = 1.0  # loss weight of response tokens
+
+    c.train = ConfigDict()
+    c.train.seed = 0  # parameter init, data order and dropout
+    c.train.batch_size = 8  # rows per optimizer step (all micro-batches together)
+    c.train.grad_accum = 1  # micro-batches per step; batch_size must be a multiple
+    c.train.epochs = 3  # passes over the training rows (when train.max_steps = 0)
+    c.train.max_steps = 0  # optimizer steps; 0 = epochs x steps per epoch
+    c.train.eval_every = 100  # steps between validation runs (0 = only at the end)
+    c.train.log_every = 10  # steps between metric lines in the logs
+    c.train.checkpoint_every = 100  # steps between checkpoints (0 = only at the end)
+    c.train.keep_checkpoints = 2  # last checkpoints kept (the best one is kept apart)
+    c.train.patience = 0  # evaluations without improvement before stopping early (0 = never)
+    c.train.min_delta = 0.0  # improvement in validation loss that resets the patience
+    # Ordered (regex, "trainable" | "frozen") rules over param paths, first match wins;
+    # scanned layers match per layer as model/layers/{i}/... . Default: full fine-tuning.
+    c.train.rules = ((".*", "trainable"),)
+
+    c.optim = ConfigDict()
+    c.optim.name = "adamw"  # adamw | sgd | adafactor
+    c.optim.learning_rate = 2e-5  # peak learning rate
+    c.optim.schedule = "cosine"  # cosine | linear | constant, after the warmup
+    c.optim.warmup_fraction = 0.05  # linear warmup as a share of all steps
+    c.optim.min_lr_ratio = 0.0  # final learning rate / peak (cosine, linear)
+    c.optim.weight_decay = 0.0  # decoupled weight decay, applied to matrices only
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.999  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.momentum = 0.9  # SGD momentum
+    c.optim.clip_norm = 1.0  # global gradient norm clip (0 = off)
+
+    c.eval = ConfigDict()
+    c.eval.metrics = ("bleu", "chrf", "rouge", "exact_match")  # generation metrics on validation records
+    c.eval.num_examples = 64  # validation records scored by generation (0 = none)
+    c.eval.max_new_tokens = 64  # tokens generated per example
+    c.eval.batch_size = 16  # prompts per generation batch
+
+    c.export = ConfigDict()
+    c.export.hf = True  # write the fine-tuned model as a Hugging Face folder into workdir/hf
+    c.export.dtype = ""  # dtype of the exported weights; "" = the params' dtype
+    return c
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ConfigDict:
+    """Import ``get_config()`` from a Python file, check it against the schema, apply overrides."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such config file")
+    spec = importlib.util.spec_from_file_location(f"jft_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{file}: defines no get_config()")
+    cfg = module.get_config()
+    check(cfg, str(file))
+    for item in overrides:
+        override(cfg, item)
+    return cfg
+
+
+def check(cfg: ConfigDict, where: str = "config") -> None:
+    """Raise :class:`ConfigError` when ``cfg`` has keys the schema lacks (or lacks some)."""
+    ours, schema = _keys(cfg), _keys(default_config())
+    unknown, missing = sorted(ours - schema), sorted(schema - ours)
+    if unknown:
+        raise ConfigError(f"{where}: unknown config keys {unknown}; valid keys: {sorted(schema)}")
+    if missing:
+        raise ConfigError(f"{where}: missing config keys {missing}; start from jft.config.default_config()")
+    cfg.lock()
+
+
+def override(cfg: ConfigDict, item: str) -> None:
+    """Apply one ``a.b=value`` override (value parsed as a Python literal unless the field is a string)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.learning_rate=3e-4")
+    key, raw = item.split("=", 1)
+    key = key.removeprefix("--").removeprefix("config.")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        if part not in node or not isinstance(node[part], ConfigDict):
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(_keys(cfg))}")
+        node = node[part]
+    if leaf not in node or isinstance(node[leaf], ConfigDict):
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(_keys(cfg))}")
+    old = node[leaf]
+    if isinstance(old, str):
+        value = raw
+    else:
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"{key}={raw!r}: not a Python literal of type {type(old).__name__}") from e
+    if isinstance(old, bool) != isinstance(value, bool) or (
+        isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list))
+    ):
+        raise ConfigError(f"{key}={raw!r}: expected {type(old).__name__}")
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"{key}={raw!r}: expected {type(old).__name__} ({e})") from e
+
+
+def to_json(cfg: ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, default=list)
+
+
+def _keys(cfg: ConfigDict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        out |= _keys(value, f"{name}.") if isinstance(value, ConfigDict) else {name}
+    return out

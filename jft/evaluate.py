@@ -1,0 +1,266 @@
+"""Evaluation: text metrics over generated answers, perplexity, and JSON reports.
+
+    preds = generate_predictions(model, params, tokenizer, prompts, max_new_tokens=32)
+    scores = text_metrics(preds, references)       # {"bleu": 41.2, "chrf": 63.0, ...}, all 0-100
+    write_report("runs/x/report.json", {"validation": scores})
+
+Every metric takes one reference per prediction and returns a percentage. BLEU and chrF are
+corpus-level (sacrebleu); ROUGE and the match metrics are averaged over examples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# Beyond this a loss means "untrained or diverged"; exp() of it would overflow float64 near 709.
+_MAX_LOG_PERPLEXITY = 100.0
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing off), 0-100."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (character n-gram F-score, sacrebleu defaults), 0-100."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
+
+
+class _WordTokenizer:
+    """Lower-cased Unicode words: rouge-score's own tokenizer drops every non-ASCII letter."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures averaged over examples, and their mean, 0-100.
+
+    Returns ``{"rouge1", "rouge2", "rougeL", "rouge"}``; words are lower-cased ``\\w+`` runs, so
+    accented text is scored on its real words, without stemming.
+    """
+    from rouge_score import rouge_scorer
+
+    kinds = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(kinds), tokenizer=_WordTokenizer())
+    totals = dict.fromkeys(kinds, 0.0)
+    for pred, ref in zip(predictions, references, strict=True):
+        scores = scorer.score(ref, pred)  # (target, prediction)
+        for k in kinds:
+            totals[k] += scores[k].fmeasure
+    out = {k: 100.0 * v / len(predictions) for k, v in totals.items()}
+    out["rouge"] = sum(out.values()) / len(kinds)
+    return out
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Percent of predictions equal to their reference after stripping and collapsing whitespace."""
+    hits = sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references, strict=True))
+    return 100.0 * hits / len(predictions)
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Percent of predictions exactly equal to their reference (for class labels)."""
+    hits = sum(p == r for p, r in zip(predictions, references, strict=True))
+    return 100.0 * hits / len(predictions)
+
+
+METRICS: dict[str, Callable] = {
+    "bleu": bleu,
+    "chrf": chrf,
+    "rouge": rouge,
+    "exact_match": exact_match,
+    "accuracy": accuracy,
+}
+
+
+def text_metrics(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    names: Sequence[str] = ("bleu", "chrf", "rouge", "exact_match"),
+) -> dict[str, float]:
+    """Score ``predictions`` against ``references`` (one each); every value is 0-100.
+
+    ``names`` picks from :data:`METRICS`; "rouge" contributes ``rouge1``, ``rouge2``, ``rougeL``
+    and their mean ``rouge``. Raises ValueError for an unknown name, for lists of different
+    lengths, or for empty lists (no score is meaningful then).
+    """
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; valid names are {sorted(METRICS)}")
+    predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references; need one each")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    out: dict[str, float] = {}
+    for name in names:
+        value = METRICS[name](predictions, references)
+        out.update(value if isinstance(value, dict) else {name: value})
+    return out
+
+
+def text_metrics_by_slice(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    slice_keys: Sequence[str],
+    names: Sequence[str] = ("bleu", "chrf", "rouge", "exact_match"),
+) -> dict[str, dict[str, float]]:
+    """:func:`text_metrics` per slice (e.g. per task or per length bucket), plus each slice's ``count``.
+
+    ``slice_keys[i]`` names the slice of example ``i``; slices come back in sorted order.
+    """
+    if not len(predictions) == len(references) == len(slice_keys):
+        raise ValueError(
+            f"{len(predictions)} predictions, {len(references)} references and {len(slice_keys)} slice keys; "
+            "need one each"
+        )
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(slice_keys):
+        groups.setdefault(key, []).append(i)
+    out = {}
+    for key in sorted(groups):
+        idx = groups[key]
+        scores = text_metrics([predictions[i] for i in idx], [references[i] for i in idx], names)
+        out[key] = {**scores, "count": len(idx)}
+    return out
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, the mean per-token loss as a perplexity; capped at ``exp(100)`` (NaN stays NaN)."""
+    loss = float(loss)
+    if math.isnan(loss):
+        return loss
+    return math.exp(min(loss, _MAX_LOG_PERPLEXITY))
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def generate_predictions(
+    model,
+    params: dict,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[str]:
+    """Greedy answers to already-rendered ``prompts``: one stripped string per prompt, in order.
+
+    Each prompt is encoded without special tokens and the tokenizer's BOS (when it has one) is
+    put in front unless the text already began with it, as the training data pipeline does; so
+    tokenizers that add BOS themselves and those that don't agree. Rows are left-padded per batch
+    with the pad token (else EOS, else 0), and the last batch is filled up to ``batch_size`` with
+    copies so that every batch, and every later call, reuses one compiled program.
+
+    Args:
+      eos_token_id: id(s) that end an answer; default the tokenizer's EOS and the model config's.
+
+    Raises ValueError when a prompt encodes to no tokens at all.
+    """
+    from jft.generate import generate
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if eos_token_id is None:
+        eos = set(model.config.eos_token_id or ())
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        eos_ids = sorted(eos)
+    else:
+        eos_ids = [int(i) for i in np.atleast_1d(eos_token_id)]
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    bos = tokenizer.bos_token_id
+
+    rows = []
+    for i, prompt in enumerate(prompts):
+        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+        if bos is not None and ids[:1] != [bos]:  # a chat template may have written BOS already
+            ids = [bos, *ids]
+        if not ids:
+            raise ValueError(f"prompt {i} encodes to no tokens; generation needs at least one")
+        rows.append(ids)
+
+    predictions = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        real = len(batch)
+        batch = batch + [batch[-1]] * (batch_size - real)
+        width = max(len(r) for r in batch)
+        ids_bt = np.full((batch_size, width), pad_id, np.int32)  # [batch, length], left-padded
+        mask_bt = np.zeros((batch_size, width), bool)
+        for row, ids in enumerate(batch):
+            ids_bt[row, width - len(ids) :] = ids
+            mask_bt[row, width - len(ids) :] = True
+        out_bn = generate(
+            model,
+            params,
+            ids_bt,
+            max_new_tokens,
+            attention_mask=mask_bt,
+            eos_token_id=tuple(eos_ids),
+            pad_token_id=pad_id,
+        )
+        for tokens in np.asarray(out_bn)[:real].tolist():
+            # cut at the first EOS: what follows is padding, which may be an ordinary token id
+            end = next((j for j, t in enumerate(tokens) if t in eos_ids), len(tokens))
+            predictions.append(tokenizer.decode(tokens[:end], skip_special_tokens=True).strip())
+    return predictions
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def _jsonable(x):
+    """Plain JSON values: numpy/jax scalars and arrays become Python ones, NaN/inf become null."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy and jax values
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_report(path: str | os.PathLike, report: dict) -> Path:
+    """Write ``report`` as indented JSON, atomically: a reader sees the old file or the new one.
+
+    NumPy and JAX numbers are converted, and non-finite floats are written as ``null`` so the file
+    stays strict JSON. Returns the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_jsonable(report), f, indent=2, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -1,0 +1,47 @@
+"""Orbax checkpoints of the train state plus a JSON record of where the run stands.
+
+Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
+save interrupted mid-write never replaces the last good checkpoint. Two managers: ``ckpt/``
+keeps the last few, ``best/`` keeps the one with the lowest validation loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+    def __init__(self, workdir: Path, keep: int):
+        opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, enable_async_checkpointing=True)  # noqa: E731
+        self.last = ocp.CheckpointManager(Path(workdir).absolute() / "ckpt", options=opts(max(keep, 1)))
+        self.best = ocp.CheckpointManager(Path(workdir).absolute() / "best", options=opts(1))
+
+    @property
+    def latest_step(self) -> int | None:
+        return self.last.latest_step()
+
+    def save(self, step: int, state, meta: dict, best: bool = False) -> None:
+        """Start an asynchronous save of ``state`` (a pytree) and ``meta`` (JSON) at ``step``."""
+        manager = self.best if best else self.last
+        if step in manager.all_steps():
+            return
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        manager.save(step, args=args)
+
+    def restore(self, state, step: int | None = None, best: bool = False):
+        """``(state, meta)`` of a checkpoint (default the latest), shaped and sharded like ``state``."""
+        manager = self.best if best else self.last
+        step = manager.latest_step() if step is None else step
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        restored = manager.restore(step, args=args)
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        """Wait for pending saves, then release the managers."""
+        for manager in (self.last, self.best):
+            manager.wait_until_finished()
+            manager.close()

@@ -1,0 +1,475 @@
+"""``fit(config, workdir)``: the fine-tuning loop, from a config to a fine-tuned model.
+
+Sections: Config, Tokenizer, Data, Model, Optimizer, Step, Checkpoint, Loop, Export.
+Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/
+(Orbax), metrics.jsonl, tb/ (TensorBoard), loss.png, report.json and hf/ (the model).
+Running ``fit`` again on the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jft import data as jdata
+from jft import evaluate as jeval
+from jft.config import ConfigDict, ConfigError, check, to_json
+from jft.hf import load_hf, load_tokenizer, save_hf
+from jft.models.llama import LlamaConfig, LlamaForCausalLM
+from jft.train import partition
+from jft.train.checkpoint import Checkpoints
+from jft.train.optim import make_optimizer
+from jft.train.state import TrainState
+from jft.train.step import make_eval_step, make_train_step
+
+# Changing these between a run and its resumption would change what the run trains on.
+_FIXED_ON_RESUME = ("model.", "tokenizer.", "data.", "train.seed", "train.batch_size", "train.rules")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, a workdir of another run), with what to do."""
+
+
+def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Fine-tune as ``config`` says, writing into ``workdir``; resume if it holds a checkpoint.
+
+    Returns the final report: validation loss and perplexity before and after, generation
+    metrics before and after, steps run, and where the outputs are.
+    """
+    # ------------------------------------------------------------------ Config
+    check(config)
+    cfg = config
+    workdir = Path(workdir)
+    main = jax.process_index() == 0
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not a multiple of grad_accum={cfg.train.grad_accum}"
+        )
+
+    # ------------------------------------------------------------------ Data records + tokenizer
+    train_pairs, val_pairs = _records(cfg)
+    tokenizer = _tokenizer(cfg, workdir, train_pairs)
+
+    # ------------------------------------------------------------------ Model
+    model, params = _model(cfg, tokenizer)
+    vocab = model.config.vocab_size
+
+    # ------------------------------------------------------------------ Tokens, rows, batches
+    template = jdata.TEMPLATES[cfg.data.template]
+    train_examples, train_stats = _tokenize(cfg, train_pairs, tokenizer, vocab)
+    val_examples, val_stats = _tokenize(cfg, val_pairs, tokenizer, vocab)
+    train_rows = jdata.pack(train_examples, cfg.data.seq_len, packed=cfg.data.pack)
+    val_rows = jdata.pack(val_examples, cfg.data.seq_len, packed=cfg.data.pack)
+    batches = jdata.Batches(train_rows, cfg.train.batch_size, cfg.train.seed)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
+    _log(main, f"data: {train_stats} -> {len(train_rows)} rows of {cfg.data.seq_len}; validation: {val_stats}")
+    # Only now, with config, data, tokenizer and model checked, does the run write anything.
+    _check_resume(cfg, workdir)
+    if main and not (workdir / "tokenizer").is_dir():
+        tokenizer.save_pretrained(workdir / "tokenizer")
+
+    # ------------------------------------------------------------------ Partition + optimizer
+    num_layers = model.config.num_hidden_layers
+    labels = partition.labels(params, cfg.train.rules, num_layers)
+    _log(main, partition.summary(params, labels))
+    masks = partition.layer_masks(partition.split(params, labels)[0], labels)  # partly frozen layer stacks
+    o = cfg.optim
+    tx, schedule = make_optimizer(
+        name=o.name,
+        learning_rate=o.learning_rate,
+        total_steps=total_steps,
+        warmup_steps=round(o.warmup_fraction * total_steps),
+        schedule=o.schedule,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        momentum=o.momentum,
+        clip_norm=o.clip_norm or None,
+        min_lr_ratio=o.min_lr_ratio,
+        masks=masks,
+    )
+    state = TrainState.create(params, labels, tx, jax.random.key(cfg.train.seed))
+    del params  # the first step donates (and so deletes) these buffers
+
+    # ------------------------------------------------------------------ Step
+    train_step = jax.jit(make_train_step(model, tx, schedule, masks), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model))
+    accum = cfg.train.grad_accum
+
+    def validate(state) -> dict:
+        params = partition.merge(state.trainable, state.frozen)
+        return evaluate_loss(eval_step, params, val_rows, cfg.train.batch_size)
+
+    def generation_metrics(state) -> dict:
+        if not cfg.eval.num_examples:
+            return {}
+        params = partition.merge(state.trainable, state.frozen)
+        return generation_report(model, params, tokenizer, val_pairs[: cfg.eval.num_examples], template, cfg.eval)
+
+    # ------------------------------------------------------------------ Checkpoint
+    ckpts = Checkpoints(workdir, cfg.train.keep_checkpoints)
+    meta = {"best_loss": None, "bad_evals": 0, "before": None}
+    if ckpts.latest_step is not None:
+        state, meta = ckpts.restore(state)
+        batches.restore(meta["data"])
+        _log(main, f"resumed from step {int(state.step)} ({workdir / 'ckpt'})")
+    else:
+        before = validate(state)
+        meta["before"] = {**before, **generation_metrics(state)}
+        _log(main, f"before fine-tuning: {_fmt(meta['before'])}")
+
+    def save(state, best=False):
+        meta.update(data=batches.state())
+        ckpts.save(int(state.step), state, meta, best=best)
+
+    # ------------------------------------------------------------------ Loop
+    writer = _Writer(workdir, main)
+    preempted = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    pending, last_saved = [], ckpts.latest_step
+    progress = _progress(main, int(state.step), total_steps)
+    start, tokens = time.perf_counter(), 0
+    stop_reason = "done"
+    try:
+        while int(state.step) < total_steps:
+            batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in next(batches).items()}
+            state, metrics = train_step(state, batch)
+            step = int(state.step)
+            pending.append((step, metrics))
+            flush = step % cfg.train.log_every == 0 or step == total_steps
+            evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
+            checkpoint_now = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or preempted
+            if flush or evaluate_now or checkpoint_now:
+                logged = _flush(pending, workdir, last_saved)
+                tokens += logged["tokens"]
+                rate = tokens / (time.perf_counter() - start)
+                writer.scalars(step, {**logged, "tokens_per_s": rate})
+                progress.update(step, logged, rate)
+            if evaluate_now and step < total_steps:
+                val = validate(state)
+                writer.scalars(step, {f"val_{k}": v for k, v in val.items()})
+                improved = meta["best_loss"] is None or val["loss"] < meta["best_loss"] - cfg.train.min_delta
+                meta["bad_evals"] = 0 if improved else meta["bad_evals"] + 1
+                if improved:
+                    meta["best_loss"] = val["loss"]
+                    save(state, best=True)
+                if cfg.train.patience and meta["bad_evals"] >= cfg.train.patience:
+                    stop_reason = f"early stop: no improvement in {cfg.train.patience} evaluations"
+                    save(state)
+                    break
+            if checkpoint_now:
+                save(state)
+                last_saved = step
+            if preempted:
+                stop_reason = "preempted (SIGTERM): checkpoint saved"
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
+    step = int(state.step)
+    if preempted:
+        ckpts.close()
+        writer.close()
+        _log(main, f"{stop_reason} at step {step}; run the same command to resume")
+        return {"status": "preempted", "step": step}
+    save(state)
+
+    # ------------------------------------------------------------------ Final evaluation + export
+    val = validate(state)
+    if meta["best_loss"] is None or val["loss"] < meta["best_loss"] - cfg.train.min_delta:
+        meta["best_loss"] = val["loss"]
+        save(state, best=True)
+    writer.scalars(step, {f"val_{k}": v for k, v in val.items()})
+    after = {**val, **generation_metrics(state)}
+    ckpts.close()
+    writer.close()
+    report = {
+        "status": stop_reason,
+        "steps": step,
+        "before": meta["before"],
+        "after": after,
+        "train_data": str(train_stats),
+        "validation_data": str(val_stats),
+        "workdir": str(workdir),
+    }
+    if main:
+        if cfg.export.hf:
+            params = partition.merge(state.trainable, state.frozen)
+            save_hf(model, params, workdir / "hf", dtype=cfg.export.dtype or None, tokenizer=tokenizer)
+            report["hf"] = str(workdir / "hf")
+        jeval.write_report(workdir / "report.json", report)
+        _plot(workdir)
+    _log(main, f"after fine-tuning: {_fmt(after)}")
+    return report
+
+
+def evaluate(config: ConfigDict, model_path: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Score a Hugging Face model folder on ``config``'s validation data; write a JSON report.
+
+    The validation records are ``data.validation``, or the same held-out share of
+    ``data.train`` that training used. Reports loss, perplexity and generation metrics.
+    """
+    check(config)
+    cfg = config
+    model, params = load_hf(model_path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype or None)
+    tokenizer = load_tokenizer(model_path)
+    if tokenizer is None:
+        raise ConfigError(f"{model_path} has no tokenizer; save one beside the model (save_hf(..., tokenizer=))")
+    pairs = _records(cfg)[1]
+    template = jdata.TEMPLATES[cfg.data.template]
+    examples, stats = _tokenize(cfg, pairs, tokenizer, model.config.vocab_size)
+    rows = jdata.pack(examples, cfg.data.seq_len, packed=cfg.data.pack)
+    report = evaluate_loss(jax.jit(make_eval_step(model)), params, rows, cfg.train.batch_size)
+    if cfg.eval.num_examples:
+        report.update(generation_report(model, params, tokenizer, pairs[: cfg.eval.num_examples], template, cfg.eval))
+    report.update(model=str(model_path), data=str(stats))
+    jeval.write_report(Path(out), report)
+    return report
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def evaluate_loss(eval_step, params, rows: list[dict], batch_size: int) -> dict:
+    """Weighted loss and perplexity over all ``rows`` (the last batch padded with empty rows)."""
+    loss_sum = weight_sum = 0.0
+    tokens = 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        chunk = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - len(chunk))
+        batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+        m = jax.device_get(eval_step(params, batch))
+        loss_sum += float(m["loss_sum"])
+        weight_sum += float(m["weight_sum"])
+        tokens += int(m["tokens"])
+    loss = loss_sum / max(weight_sum, 1e-9)
+    return {"loss": loss, "perplexity": jeval.perplexity(loss), "tokens": tokens}
+
+
+def generation_report(model, params, tokenizer, pairs, template, eval_cfg) -> dict:
+    """Greedy generation on validation records that have a reference answer; text metrics."""
+    prompts, refs = [], []
+    for _, record in pairs:
+        rendered = jdata.prompt_and_reference(record, tokenizer, template)
+        if rendered is not None:
+            prompts.append(rendered[0])
+            refs.append(rendered[1])
+    if not prompts:
+        return {}
+    preds = jeval.generate_predictions(
+        model, params, tokenizer, prompts, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size
+    )
+    out = jeval.text_metrics(preds, refs, names=tuple(eval_cfg.metrics))
+    out["examples"] = [
+        {"prompt": p, "reference": r, "prediction": y} for p, r, y in list(zip(prompts, refs, preds, strict=True))[:5]
+    ]
+    return out
+
+
+def _records(cfg):
+    """(train, validation) lists of (where, record): data.validation, or a seeded held-out share."""
+    load = lambda source: jdata.load_records(source, split=cfg.data.split, data_dir=cfg.data.data_dir or None)  # noqa: E731
+    train = load(cfg.data.train)
+    if cfg.data.validation:
+        return train, load(cfg.data.validation)
+    return jdata.split_validation(train, cfg.data.validation_fraction, cfg.train.seed)
+
+
+def _tokenize(cfg, pairs, tokenizer, vocab_size: int):
+    return jdata.tokenize_records(
+        pairs,
+        tokenizer,
+        vocab_size=vocab_size,
+        max_length=cfg.data.seq_len,
+        overlong=cfg.data.overlong,
+        template=jdata.TEMPLATES[cfg.data.template],
+        prompt_loss_weight=cfg.data.prompt_loss_weight,
+        response_loss_weight=cfg.data.response_loss_weight,
+        fmt=cfg.data.format,
+    )
+
+
+def _tokenizer(cfg, workdir: Path, train_pairs):
+    saved = workdir / "tokenizer"
+    if saved.is_dir():
+        return load_tokenizer(saved)
+    if cfg.tokenizer.train_on_data:
+        from jft.tokenizer import train_word_tokenizer
+
+        texts = [v for _, r in train_pairs for v in _strings(r)]
+        tokenizer = train_word_tokenizer(texts)
+    else:
+        source = cfg.tokenizer.path or cfg.model.path
+        tokenizer = load_tokenizer(source) if source else None
+        if tokenizer is None:
+            raise ConfigError(
+                f"no tokenizer: {source or 'model.path'} has none; set tokenizer.path, "
+                "or tokenizer.train_on_data=True for a new model"
+            )
+    return tokenizer
+
+
+def _model(cfg, tokenizer):
+    overrides = dict(remat=cfg.model.remat)
+    if cfg.model.path:
+        return load_hf(
+            cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype or None, **overrides
+        )
+    n = cfg.model.new
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=n.hidden_size,
+        intermediate_size=n.intermediate_size,
+        num_hidden_layers=n.num_hidden_layers,
+        num_attention_heads=n.num_attention_heads,
+        num_key_value_heads=n.num_key_value_heads,
+        tie_word_embeddings=n.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id,
+        param_dtype=cfg.model.dtype,
+        dtype=cfg.model.compute_dtype or cfg.model.dtype,
+        **overrides,
+    )
+    model = LlamaForCausalLM(config)
+    return model, model.init_params(jax.random.key(cfg.train.seed))
+
+
+def _strings(record: dict):
+    for value in record.values():
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):  # chat messages
+            yield from (m.get("content", "") for m in value if isinstance(m, dict))
+
+
+def _check_resume(cfg, workdir: Path) -> None:
+    """Save the config; on resumption refuse changes that would change what is trained on."""
+    file = workdir / "config.json"
+    new = json.loads(to_json(cfg))
+    if file.is_file() and (workdir / "ckpt").is_dir():
+        old = json.loads(file.read_text())
+        changed = sorted(k for k in _flat(new) if _flat(new).get(k) != _flat(old).get(k))
+        fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME)]
+        if fixed:
+            raise TrainingError(
+                f"{workdir} holds a run whose config differs in {fixed}; resuming would train on different "
+                "data or model. Use a new workdir, or restore those values."
+            )
+        if changed:
+            print(f"resuming with changed settings: {changed}")
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(new, indent=2))
+        os.replace(tmp, file)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _flush(pending: list, workdir: Path, last_saved) -> dict:
+    """Fetch the metrics of the steps since the last flush; stop on a non-finite loss."""
+    fetched = jax.device_get([m for _, m in pending])
+    for (step, _), m in zip(pending, fetched, strict=True):
+        if not math.isfinite(float(m["loss"])):
+            where = f"the checkpoint at step {last_saved} in {workdir / 'ckpt'}" if last_saved else "the start"
+            raise TrainingError(
+                f"loss is {float(m['loss'])} at step {step}; resume from {where} with a lower learning rate"
+            )
+    pending.clear()
+    last = fetched[-1]
+    return {
+        "loss": float(np.mean([float(m["loss"]) for m in fetched])),
+        "grad_norm": float(last["grad_norm"]),
+        "lr": float(last["lr"]),
+        "tokens": int(sum(int(m["tokens"]) for m in fetched)),
+    }
+
+
+class _Writer:
+    """metrics.jsonl and TensorBoard event files, from process 0 only."""
+
+    def __init__(self, workdir: Path, main: bool):
+        self.main = main
+        if main:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tb"))
+            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.main:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.main:
+            self.tb.close()
+            self.jsonl.close()
+
+
+class _progress:
+    """A tqdm bar with loss, lr and tokens/s."""
+
+    def __init__(self, main: bool, start: int, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, disable=not main, desc="train", dynamic_ncols=True)
+
+    def update(self, step: int, logged: dict, rate: float) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}", tok_s=f"{rate:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _plot(workdir: Path) -> None:
+    """loss.png: training loss per logged step and validation loss per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(workdir / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+def _log(main: bool, message: str) -> None:
+    if main:
+        print(message, flush=True)
+
+
+__all__ = ["TrainingError", "evaluate", "evaluate_loss", "fit", "generation_report"]

@@ -1,0 +1,163 @@
+"""Text metrics against hand-computed values, reports, and greedy prediction from a tiny model."""
+
+import json
+import math
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jft
+from jft import evaluate
+from jft.tokenizer import train_word_tokenizer
+
+SENTENCES = [
+    "Le chat dort.",
+    "Les filles mangent une pomme.",
+    "Nous voyons le petit chien.",
+    "Est-ce que tu as faim ?",
+    "The cat is sleeping.",
+    "We see the small dog.",
+]
+
+
+def test_exact_match_and_accuracy():
+    preds = ["Le chat dort.", "  Les  filles\tmangent. ", "le chien"]
+    refs = ["Le chat dort.", "Les filles mangent.", "Le chien"]
+    assert evaluate.exact_match(preds, refs) == pytest.approx(200 / 3)  # case still counts
+    assert evaluate.accuracy(["pos", "neg", "pos", "neg"], ["pos", "pos", "pos", "neg"]) == 75.0
+    assert evaluate.accuracy(["pos "], ["pos"]) == 0.0  # labels compare exactly
+
+
+def test_bleu_and_chrf_bounds():
+    refs = ["Les filles mangent une pomme rouge.", "Nous voyons le petit chien noir."]
+    assert evaluate.bleu(refs, refs) == pytest.approx(100.0)
+    assert evaluate.chrf(refs, refs) == pytest.approx(100.0)
+    disjoint = ["xyz qrs tuv wvu", "abc def ghi jkl"]
+    assert evaluate.bleu(disjoint, refs) == 0.0
+    assert 0.0 < evaluate.bleu(["Les filles mangent une pomme verte.", refs[1]], refs) < 100.0
+
+
+def test_rouge_hand_computed():
+    same = evaluate.rouge(["le chat dort"], ["le chat dort"])
+    assert same == pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "rouge": 100.0})
+    # unigrams 2/3 both ways, bigrams 1/2, longest common subsequence 2 of 3
+    part = evaluate.rouge(["the cat sat"], ["the cat ran"])
+    assert part["rouge1"] == pytest.approx(200 / 3)
+    assert part["rouge2"] == pytest.approx(50.0)
+    assert part["rougeL"] == pytest.approx(200 / 3)
+    assert part["rouge"] == pytest.approx((200 / 3 + 50 + 200 / 3) / 3)
+    # accented words are whole words ("père" and "mère" share nothing), not ASCII fragments
+    assert evaluate.rouge(["père"], ["mère"])["rouge1"] == 0.0
+    # averaged over examples
+    assert evaluate.rouge(["a b", "c d"], ["a b", "x y"])["rouge1"] == pytest.approx(50.0)
+
+
+def test_text_metrics_keys_and_errors():
+    out = evaluate.text_metrics(["Le chat dort."], ["Le chat dort."])
+    assert set(out) == {"bleu", "chrf", "rouge", "rouge1", "rouge2", "rougeL", "exact_match"}
+    assert all(v == pytest.approx(100.0) for v in out.values())
+    assert evaluate.text_metrics(["a"], ["b"], names=("accuracy",)) == {"accuracy": 0.0}
+    with pytest.raises(ValueError, match="valid names are .*'accuracy'.*'bleu'"):
+        evaluate.text_metrics(["a"], ["a"], names=("bleu", "meteor"))
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        evaluate.text_metrics(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no predictions"):
+        evaluate.text_metrics([], [])
+
+
+def test_text_metrics_by_slice():
+    preds = ["a", "b", "c", "d"]
+    refs = ["a", "x", "c", "c"]
+    out = evaluate.text_metrics_by_slice(preds, refs, ["short", "long", "short", "long"], names=("accuracy",))
+    assert list(out) == ["long", "short"]
+    assert out["short"] == {"accuracy": 100.0, "count": 2}
+    assert out["long"] == {"accuracy": 0.0, "count": 2}
+    with pytest.raises(ValueError, match="slice keys"):
+        evaluate.text_metrics_by_slice(preds, refs, ["a"], names=("accuracy",))
+
+
+def test_perplexity():
+    assert evaluate.perplexity(0.0) == 1.0
+    assert evaluate.perplexity(math.log(5.0)) == pytest.approx(5.0)
+    assert evaluate.perplexity(np.float32(math.log(7.0))) == pytest.approx(7.0, rel=1e-6)
+    assert math.isfinite(evaluate.perplexity(1e6))
+    assert math.isnan(evaluate.perplexity(float("nan")))
+
+
+def test_write_report_is_strict_json(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    evaluate.write_report(path, {"old": 1})
+    report = {
+        "loss": np.float32(0.5),
+        "steps": np.int64(3),
+        "curve": np.arange(3),
+        "jax": jax.numpy.float32(2.0),
+        "bad": float("nan"),
+        "text": "Où est le chat ?",
+    }
+    assert evaluate.write_report(path, report) == path
+    loaded = json.loads(path.read_text(encoding="utf-8"))
+    assert loaded == {"loss": 0.5, "steps": 3, "curve": [0, 1, 2], "jax": 2.0, "bad": None, "text": "Où est le chat ?"}
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_word_tokenizer(SENTENCES * 3, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    cfg = jft.LlamaConfig.tiny(vocab_size=len(tokenizer), eos_token_id=(tokenizer.eos_token_id,))
+    model = jft.LlamaForCausalLM(cfg)
+    return model, model.init_params(jax.random.key(0))
+
+
+def test_generate_predictions_with_tiny_model(tiny, tokenizer):
+    model, params = tiny
+    prompts = ["Le chat", "Nous voyons le petit chien noir", "Est-ce que", "The cat", "We"]
+    run = lambda ps: evaluate.generate_predictions(model, params, tokenizer, ps, max_new_tokens=6, batch_size=5)  # noqa: E731
+    preds = run(prompts)
+    assert len(preds) == len(prompts) and all(isinstance(p, str) for p in preds)
+    assert run(prompts) == preds
+    # left padding does not change an answer: each prompt alone (filled up with copies of
+    # itself, so unpadded) gives the same text; same shapes after bucketing, so no recompile
+    assert [run([p])[0] for p in prompts] == preds
+
+
+def test_generate_predictions_padding_bos_and_eos(monkeypatch, tokenizer):
+    """The exact arrays handed to jft.generate, and decoding that stops at the first EOS."""
+    seen = {}
+    answer = tokenizer.encode("Le chat dort.", add_special_tokens=False)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def fake_generate(model, params, ids, max_new_tokens, *, attention_mask, eos_token_id, pad_token_id):
+        seen.update(ids=np.asarray(ids), mask=np.asarray(attention_mask), eos=eos_token_id, pad=pad_token_id)
+        word = tokenizer.encode(" chien", add_special_tokens=False)[0]  # an ordinary token after EOS
+        row = (answer + [eos, word] + [pad] * max_new_tokens)[:max_new_tokens]
+        return np.array([row] * ids.shape[0], np.int32)
+
+    monkeypatch.setattr(sys.modules["jft.generate"], "generate", fake_generate)
+    model = jft.LlamaForCausalLM(jft.LlamaConfig.tiny(vocab_size=len(tokenizer), eos_token_id=(7,)))
+    prompts = ["Le chat", "Nous voyons le petit chien"]
+    preds = evaluate.generate_predictions(model, None, tokenizer, prompts, max_new_tokens=12, batch_size=4)
+    assert preds == ["Le chat dort.", "Le chat dort."]
+    short, long = (tokenizer.encode(p, add_special_tokens=False) for p in prompts)
+    ids, mask = seen["ids"], seen["mask"]
+    assert ids.shape == (4, 1 + len(long))  # filled up to batch_size
+    assert ids[1].tolist() == [bos, *long] and mask[1].all()
+    pad_len = len(long) - len(short)
+    assert ids[0].tolist() == [pad] * pad_len + [bos, *short]
+    assert mask[0].tolist() == [False] * pad_len + [True] * (1 + len(short))
+    assert seen["eos"] == (eos, 7) and seen["pad"] == pad
+    evaluate.generate_predictions(model, None, tokenizer, ["<s>Le chat"], max_new_tokens=4, batch_size=1)
+    assert seen["ids"].tolist() == [[bos, *short]]  # a BOS already in the text is not doubled
+    with pytest.raises(ValueError, match="prompt 0 encodes to no tokens"):
+        tok = train_word_tokenizer(SENTENCES, vocab_size=300)
+        tok.bos_token = None
+        evaluate.generate_predictions(model, None, tok, [""], max_new_tokens=4)

@@ -1,0 +1,213 @@
+"""fit(): end to end on a tiny new model, resume after SIGKILL, SIGTERM, early stop, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jft
+from jft.config import ConfigError, default_config, load_config
+from jft.data import DataError
+from jft.train import TrainingError, fit
+
+WORDS = ["red", "blue", "green", "cat", "dog", "bird", "big", "small", "runs", "sleeps"]
+
+
+def write_data(path: Path, n: int = 48) -> Path:
+    rs = np.random.RandomState(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = list(rs.choice(WORDS, 3))
+            f.write(
+                json.dumps(
+                    {"instruction": "Reverse the words.", "input": " ".join(words), "output": " ".join(words[::-1])}
+                )
+                + "\n"
+            )
+    return path
+
+
+def tiny_config(data: Path, **train):
+    c = default_config()
+    c.model.remat = "none"
+    c.model.new.hidden_size = 32
+    c.model.new.intermediate_size = 64
+    c.model.new.num_hidden_layers = 2
+    c.model.new.num_attention_heads = 2
+    c.model.new.num_key_value_heads = 1
+    c.tokenizer.train_on_data = True
+    c.data.train = str(data)
+    c.data.validation_fraction = 0.25
+    c.data.template = "compact"
+    c.data.seq_len = 64
+    c.train.batch_size = 4
+    c.train.epochs = 2
+    c.train.eval_every = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 4
+    c.optim.learning_rate = 3e-3
+    c.eval.num_examples = 4
+    c.eval.max_new_tokens = 8
+    for k, v in train.items():
+        section, key = k.split("__")
+        c[section][key] = v
+    return c
+
+
+def params_of(workdir: Path):
+    return jft.load_hf(workdir / "hf")[1]
+
+
+def test_fit_end_to_end_writes_everything(tmp_path):
+    data = write_data(tmp_path / "train.jsonl")
+    report = fit(tiny_config(data), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "loss.png", "report.json", "hf/config.json", "tokenizer"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").iterdir()), "no TensorBoard events"
+    assert report["after"]["loss"] < report["before"]["loss"]
+    assert {"bleu", "chrf", "exact_match", "perplexity"} <= set(report["after"])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "grad_norm", "lr", "tokens", "tokens_per_s"} <= set(rows[0])
+    assert rows[-1]["step"] == report["steps"] > 0
+    assert jft.load_tokenizer(run / "hf") is not None
+
+
+def test_partial_rules_keep_frozen_layers_bit_identical(tmp_path):
+    data = write_data(tmp_path / "train.jsonl")
+    rules = (("model/layers/1/.*", "trainable"), (".*", "frozen"))
+    cfg = tiny_config(data, train__rules=rules, train__max_steps=4)
+    cfg.export.hf = True
+    fit(cfg, tmp_path / "a")
+    trained = params_of(tmp_path / "a")
+    # the same seed initialises the same model: compare with the untouched init
+    model = jft.LlamaForCausalLM(jft.load_hf(tmp_path / "a" / "hf")[0].config)
+    init = model.init_params(jax.random.key(0))
+    up = ("model", "layers", "mlp", "up_proj", "kernel")
+    get = lambda p: np.asarray(p[up[0]][up[1]][up[2]][up[3]][up[4]])  # noqa: E731
+    np.testing.assert_array_equal(get(trained)[0], get(init)[0])
+    assert not np.array_equal(get(trained)[1], get(init)[1])
+    np.testing.assert_array_equal(
+        trained["model"]["embed_tokens"]["embedding"], init["model"]["embed_tokens"]["embedding"]
+    )
+
+
+RUNNER = """
+import sys
+from jft.config import load_config
+from jft.train import fit
+fit(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
+"""
+
+
+def _config_file(tmp_path: Path, data: Path, steps: int, every: int) -> Path:
+    file = tmp_path / "cfg.py"
+    here = str(Path(__file__).parent)
+    file.write_text(
+        f"import sys\nsys.path.insert(0, {here!r})\nfrom test_trainer import tiny_config\n"
+        "def get_config():\n"
+        f"    c = tiny_config({str(data)!r}, train__max_steps={steps}, train__checkpoint_every={every})\n"
+        "    c.train.eval_every = 0\n    c.eval.num_examples = 0\n    return c\n"
+    )
+    return file
+
+
+def _start(cfg_file: Path, workdir: Path):
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(cfg_file), str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ},
+    )
+
+
+def _wait_for_checkpoint(workdir: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [p for p in (workdir / "ckpt").glob("[0-9]*") if p.is_dir()] if (workdir / "ckpt").exists() else []
+        if steps:
+            return
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    data = write_data(tmp_path / "train.jsonl", n=200)
+    cfg_file = _config_file(tmp_path, data, steps=120, every=10)
+    fit(load_config(cfg_file), tmp_path / "straight")
+    proc = _start(cfg_file, tmp_path / "killed")
+    _wait_for_checkpoint(tmp_path / "killed", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "report.json").exists(), "the run finished before it was killed"
+    fit(load_config(cfg_file), tmp_path / "killed")
+    a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "killed")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = write_data(tmp_path / "train.jsonl", n=200)
+    cfg_file = _config_file(tmp_path, data, steps=100_000, every=10_000)
+    proc = _start(cfg_file, tmp_path / "run")
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    steps = [int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) > 0
+
+
+def test_early_stopping_on_validation_loss(tmp_path):
+    data = write_data(tmp_path / "train.jsonl")
+    cfg = tiny_config(data, train__eval_every=1, train__patience=2, train__epochs=20, optim__learning_rate=0.0)
+    cfg.train.min_delta = 1.0  # nothing improves by a whole nat
+    report = fit(cfg, tmp_path / "run")
+    assert report["status"].startswith("early stop") and report["steps"] == 3
+
+
+def test_non_finite_loss_names_the_step(tmp_path):
+    data = write_data(tmp_path / "train.jsonl")
+    cfg = tiny_config(data, optim__learning_rate=1e30, optim__clip_norm=0.0, optim__warmup_fraction=0.0)
+    cfg.optim.schedule = "constant"
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf|-inf) at step \d+; resume from"):
+        fit(cfg, tmp_path / "run")
+
+
+def test_resume_refuses_a_changed_data_config(tmp_path):
+    data = write_data(tmp_path / "train.jsonl")
+    fit(tiny_config(data, train__max_steps=4), tmp_path / "run")
+    with pytest.raises(TrainingError, match=r"differs in \['data.seq_len'\]"):
+        fit(tiny_config(data, train__max_steps=8, data__seq_len=32), tmp_path / "run")
+
+
+def test_bad_input_fails_before_writing(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        fit(tiny_config(data), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError):
+        fit(tiny_config(empty), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+    file = tmp_path / "c.py"
+    file.write_text("from jft.config import default_config\ndef get_config():\n    return default_config()\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lr'; valid keys: .*optim\.learning_rate"):
+        load_config(file, ["optim.lr=1e-3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(file, ["train.epochs=1.5"])
