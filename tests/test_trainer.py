@@ -211,3 +211,44 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
         load_config(file, ["optim.lr=1e-3"])
     with pytest.raises(ConfigError, match="expected int"):
         load_config(file, ["train.epochs=1.5"])
+
+
+def test_partial_config_on_a_hugging_face_folder_then_jft_eval(hf_model_dir, tmp_path, capsys):
+    """configs/partial_ft_llama.py on a real (tiny) HF folder, then `jft eval` on the result."""
+    import shutil
+
+    from test_hf import tiny_tokenizer
+
+    from jft.cli import main
+
+    folder = tmp_path / "base"
+    shutil.copytree(hf_model_dir("llama_gqa"), folder)
+    model, params = jft.load_hf(folder)
+    jft.save_hf(model, params, folder, tokenizer=tiny_tokenizer())
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "hello world " * (i % 5 + 1)}) + "\n" for i in range(40)))
+    config = Path(__file__).parent.parent / "configs" / "partial_ft_llama.py"
+    overrides = [
+        f"--config.model.path={folder}",
+        f"--config.data.train={data}",
+        "--config.data.seq_len=32",
+        "--config.train.batch_size=4",
+        "--config.train.max_steps=3",
+        "--config.train.eval_every=0",
+        "--config.eval.num_examples=0",
+        """--config.train.rules=(("model/layers/1/.*", "trainable"), (".*", "frozen"))""",
+    ]
+    assert main(["train", "--config", str(config), "--workdir", str(tmp_path / "run"), *overrides]) == 0
+    trained = jft.load_hf(tmp_path / "run" / "hf")[1]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    base = params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    np.testing.assert_array_equal(trained[0], base[0])
+    assert not np.array_equal(trained[1], base[1])
+    out = tmp_path / "eval.json"
+    assert (
+        main(["eval", "--config", str(config), "--model", str(tmp_path / "run" / "hf"), "--out", str(out), *overrides])
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["loss"] > 0 and report["perplexity"] == pytest.approx(np.exp(report["loss"]), rel=1e-6)
+    assert main(["train", "--config", str(config), "--workdir", str(tmp_path / "x"), "--config.optim.lr=1"]) == 2
+    assert "unknown config key 'optim.lr'" in capsys.readouterr().err
