@@ -85,7 +85,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         name=o.name,
         learning_rate=o.learning_rate,
         total_steps=total_steps,
-        warmup_steps=round(o.warmup_fraction * total_steps),
+        warmup_fraction=o.warmup_fraction,
         schedule=o.schedule,
         weight_decay=o.weight_decay,
         b1=o.b1,
@@ -323,15 +323,9 @@ def _model(cfg, tokenizer):
         return load_hf(
             cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype or None, **overrides
         )
-    n = cfg.model.new
     config = LlamaConfig(
+        **cfg.model.new.to_dict(),  # the architecture fields are LlamaConfig's own names
         vocab_size=len(tokenizer),
-        hidden_size=n.hidden_size,
-        intermediate_size=n.intermediate_size,
-        num_hidden_layers=n.num_hidden_layers,
-        num_attention_heads=n.num_attention_heads,
-        num_key_value_heads=n.num_key_value_heads,
-        tie_word_embeddings=n.tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=(tokenizer.eos_token_id,),
         pad_token_id=tokenizer.pad_token_id,
