@@ -154,3 +154,23 @@ def test_segment_ids_with_cache_is_rejected():
     model, params = make()
     with pytest.raises(ValueError, match="segment_ids"):
         apply(model, params, ids_of((1, 4)), segment_ids=jnp.ones((1, 4), jnp.int32), cache=model.init_cache(1, 8))
+
+
+@pytest.mark.parametrize("dtype, out_dtype", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32)])
+def test_dense_gradients_equal_autodiff_of_matmul(dtype, out_dtype):
+    from jft.models.layers import dense
+
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(2, 5, 8), dtype)
+    k = jnp.asarray(rs.randn(8, 3), dtype)
+    c = jnp.asarray(rs.randn(2, 5, 3), jnp.float32)
+    ours = jax.grad(lambda x, k: (dense(x, k, jnp.dtype(out_dtype)) * c).sum(), argnums=(0, 1))(x, k)
+    ref = jax.grad(lambda x, k: (jnp.matmul(x, k, preferred_element_type=out_dtype) * c).sum(), argnums=(0, 1))(x, k)
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32),
+            np.asarray(b, np.float32),
+            rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5,
+            atol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
+        )

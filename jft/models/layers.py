@@ -7,6 +7,7 @@ one rules table can later map them onto a device mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -23,6 +24,30 @@ Array = jax.Array
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 default_init = nn.initializers.normal(stddev=0.02)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: Array, kernel: Array, out_dtype) -> Array:
+    """``x @ kernel`` (``[..., in] x [in, out]``) accumulated in ``out_dtype``."""
+    return jnp.matmul(x, kernel, preferred_element_type=out_dtype)
+
+
+def _dense_fwd(x, kernel, out_dtype):
+    return dense(x, kernel, out_dtype), (x, kernel)
+
+
+def _dense_bwd(out_dtype, res, g):
+    x, kernel = res
+    # The barrier keeps XLA from fusing the (transposed) copy of g that the weight-gradient
+    # matmul reads into the elementwise ops producing g, which XLA:CPU runs very slowly.
+    g = jax.lax.optimization_barrier(g)
+    dx = jnp.matmul(g, kernel.T.astype(g.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    dk = jax.lax.dot_general(x2, g2.astype(x2.dtype), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx, dk.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Linear(nn.Module):
@@ -48,7 +73,7 @@ class Linear(nn.Module):
             self.param_dtype,
         )
         out_dtype = self.out_dtype or self.dtype
-        y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=out_dtype)
+        y = dense(x.astype(self.dtype), kernel.astype(self.dtype), jnp.dtype(out_dtype))
         if self.use_bias:
             bias = self.param(
                 "bias",

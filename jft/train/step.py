@@ -64,18 +64,22 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
 
-        def accumulate(carry, xs):
-            grads_acc, loss_acc, weight_acc, tokens_acc = carry
-            i, micro = xs
+        def micro_sums(i, micro):
+            """Float32 gradients of one micro-batch's weighted loss sum, with its sums."""
             (loss_sum, weight_sum), grads = grad_fn(state.trainable, state.frozen, micro, jax.random.fold_in(rng, i))
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            tokens = jnp.sum(micro["loss_weights"] > 0, dtype=jnp.int32)
-            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum, tokens_acc + tokens), None
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            return grads, loss_sum, weight_sum, jnp.sum(micro["loss_weights"] > 0, dtype=jnp.int32)
+
+        def accumulate(carry, xs):
+            return jax.tree.map(jnp.add, carry, micro_sums(*xs)), None
 
         accum = batch["input_ids"].shape[0]
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, loss_sum, weight_sum, tokens), _ = jax.lax.scan(accumulate, init, (jnp.arange(accum), dict(batch)))
+        if accum == 1:  # no zero-filled accumulator: that would cost a pass over all params
+            grads, loss_sum, weight_sum, tokens = micro_sums(0, jax.tree.map(lambda x: x[0], dict(batch)))
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            (grads, loss_sum, weight_sum, tokens), _ = jax.lax.scan(accumulate, init, (jnp.arange(accum), dict(batch)))
 
         denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.trainable)
