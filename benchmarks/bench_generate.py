@@ -20,20 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from shapes import LLAMA_30M
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import jft
 from jft.generate import _bucket, _prefill
 
-SIZE = dict(
-    vocab_size=8192,
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-)
+SIZE = LLAMA_30M
 
 
 def best(fn, repeats):
