@@ -5,8 +5,10 @@ model, params = jft.load_hf("path/to/model", dtype="float32")
 logits = model.apply({"params": params}, input_ids)          # [batch, length, vocab]
 tokens = jft.generate(model, params, prompt_ids, max_new_tokens=32)
 jft.save_hf(model, params, "out/")
+model, params = jft.peft.inject(model, params, jft.peft.Peft(lora=jft.peft.Lora(r=8)), rng)
 """
 
+from jft import peft
 from jft.generate import generate
 from jft.hf import CheckpointError, load_hf, load_tokenizer, save_hf
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
@@ -20,5 +22,6 @@ __all__ = [
     "generate",
     "load_hf",
     "load_tokenizer",
+    "peft",
     "save_hf",
 ]

@@ -14,6 +14,8 @@ def _generate(args, overrides) -> int:
     import jft
 
     model, params = jft.load_hf(args.model, dtype=args.dtype)
+    if args.adapter:
+        model, params = jft.peft.load_adapter(model, params, args.adapter)
     tokenizer = jft.load_tokenizer(args.model)
     if tokenizer is None:
         print(
@@ -50,7 +52,8 @@ def _train(args, overrides) -> int:
         return 0
     print(
         f"report: {args.workdir}/report.json; model: {report.get('hf', '(not exported)')}; "
-        f"metrics: {args.workdir}/metrics.jsonl, {args.workdir}/tb, plot: {args.workdir}/loss.png"
+        + (f"adapter: {report['adapter']}; " if "adapter" in report else "")
+        + f"metrics: {args.workdir}/metrics.jsonl, {args.workdir}/tb, plot: {args.workdir}/loss.png"
     )
     return 0
 
@@ -59,7 +62,7 @@ def _eval(args, overrides) -> int:
     from jft.config import load_config
     from jft.train import evaluate
 
-    report = evaluate(load_config(args.config, overrides), args.model, args.out)
+    report = evaluate(load_config(args.config, overrides), args.model, args.out, adapter=args.adapter)
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
     print(f"report: {args.out}")
     return 0
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     gen.add_argument("--seed", type=int, default=0, help="rng seed for sampling")
     gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    gen.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
     gen.set_defaults(func=_generate)
 
     train = sub.add_parser(
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", required=True, help="config file whose data.validation (or split) is scored")
     ev.add_argument("--model", required=True, help="Hugging Face model folder, e.g. WORKDIR/hf")
     ev.add_argument("--out", required=True, help="JSON report file to write")
+    ev.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
     ev.set_defaults(func=_eval)
     return parser
 

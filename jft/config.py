@@ -72,6 +72,42 @@ def default_config() -> ConfigDict:
     # scanned layers match per layer as model/layers/{i}/... . Default: full fine-tuning.
     c.train.rules = ((".*", "trainable"),)
 
+    c.peft = ConfigDict()
+    # PEFT methods to combine (jft.peft): lora | ia3 | bitfit | adapter | prefix | prompt.
+    # () = none: train.rules decide what trains (full or partial fine-tuning).
+    c.peft.methods = ()
+    # Extra (regex, label) rules tried before the methods' own, e.g. (("lm_head/.*", "trainable"),)
+    c.peft.train = ()
+    c.peft.lora = ConfigDict()
+    c.peft.lora.r = 8  # rank
+    c.peft.lora.alpha = 16.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
+    c.peft.lora.targets = ("all-linear",)  # module names (q_proj, mlp.up_proj, lm_head, ...) or all-linear
+    c.peft.lora.target_regex = ""  # instead of targets: a regex over full names (model.layers.0.self_attn.q_proj)
+    c.peft.lora.dropout = 0.0  # dropout on the LoRA input while training
+    c.peft.lora.rslora = False  # rank-stabilised scale alpha / sqrt(r)
+    c.peft.lora.dora = False  # DoRA: learned magnitude per output column
+    c.peft.lora.init = "uniform"  # init of A: uniform (peft default) | gaussian
+    c.peft.lora.rank_pattern = ()  # ((regex, r), ...) per-module ranks
+    c.peft.lora.alpha_pattern = ()  # ((regex, alpha), ...) per-module alphas
+    c.peft.ia3 = ConfigDict()
+    c.peft.ia3.targets = ("k_proj", "v_proj", "down_proj")  # modules whose output (or input) is scaled
+    c.peft.ia3.feedforward = ("down_proj",)  # targets whose input, not output, is scaled
+    c.peft.bitfit = ConfigDict()
+    c.peft.bitfit.biases = ("attention", "mlp")  # projection groups that get (zero-initialised) biases
+    c.peft.adapter = ConfigDict()
+    c.peft.adapter.kind = "houlsby"  # houlsby (after attention and MLP) | pfeiffer (after MLP)
+    c.peft.adapter.reduction_factor = 16  # bottleneck width = hidden_size / reduction_factor
+    c.peft.adapter.nonlinearity = "relu"  # relu | gelu | silu | tanh
+    c.peft.adapter.phm_dim = 0  # > 0: Compacter (PHM layers with this many shared rules)
+    c.peft.adapter.phm_rank = 1  # rank of the per-layer PHM factors (Compacter)
+    c.peft.prefix = ConfigDict()
+    c.peft.prefix.num_virtual_tokens = 20  # learned key/value prefix length per layer
+    c.peft.prefix.projection_dim = 0  # > 0: MLP reparametrisation with this hidden width
+    c.peft.prompt = ConfigDict()
+    c.peft.prompt.num_virtual_tokens = 20  # learned virtual tokens before every sequence
+    c.peft.prompt.init = "random"  # random | vocab | text
+    c.peft.prompt.init_text = ""  # text whose token embeddings initialise the prompt (init = text)
+
     c.optim = ConfigDict()
     c.optim.name = "adamw"  # adamw | sgd | adafactor
     c.optim.learning_rate = 2e-5  # peak learning rate
@@ -94,6 +130,8 @@ def default_config() -> ConfigDict:
     c.export = ConfigDict()
     c.export.hf = True  # write the fine-tuned model as a Hugging Face folder into workdir/hf
     c.export.dtype = ""  # dtype of the exported weights; "" = the params' dtype
+    # With PEFT, the adapter is always written to workdir/adapter (peft's format where one
+    # exists); export.hf then writes the merged model when every method folds into the weights.
     return c
 
 

@@ -252,3 +252,92 @@ def test_partial_config_on_a_hugging_face_folder_then_jft_eval(hf_model_dir, tmp
     assert report["loss"] > 0 and report["perplexity"] == pytest.approx(np.exp(report["loss"]), rel=1e-6)
     assert main(["train", "--config", str(config), "--workdir", str(tmp_path / "x"), "--config.optim.lr=1"]) == 2
     assert "unknown config key 'optim.lr'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hf_base(hf_model_dir, tmp_path_factory):
+    """A tiny HF Llama folder with a tokenizer, and a small text data file."""
+    import shutil
+
+    from test_hf import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("peft_base")
+    shutil.copytree(hf_model_dir("llama_gqa"), folder, dirs_exist_ok=True)
+    model, params = jft.load_hf(folder)
+    jft.save_hf(model, params, folder, tokenizer=tiny_tokenizer())
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "hello world " * (i % 5 + 1)}) + "\n" for i in range(40)))
+    return folder, data
+
+
+def _peft_overrides(folder, data, steps=3):
+    return [
+        f"--config.model.path={folder}",
+        f"--config.data.train={data}",
+        "--config.model.compute_dtype=float32",
+        "--config.data.seq_len=32",
+        "--config.train.batch_size=4",
+        f"--config.train.max_steps={steps}",
+        "--config.train.eval_every=0",
+        f"--config.train.checkpoint_every={steps}",
+        "--config.eval.num_examples=0",
+    ]
+
+
+def test_lora_config_exports_a_peft_adapter_and_the_merged_model(hf_base, tmp_path):
+    from jft.cli import main
+
+    folder, data = hf_base
+    config = Path(__file__).parent.parent / "configs" / "lora_llama.py"
+    run = tmp_path / "run"
+    overrides = [*_peft_overrides(folder, data), "--config.peft.lora.r=2"]
+    assert main(["train", "--config", str(config), "--workdir", str(run), *overrides]) == 0
+    conf = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == 2
+    # Checkpoints hold the adapter and its optimizer state, not the frozen base.
+    ckpt_bytes = sum(f.stat().st_size for f in (run / "ckpt").rglob("*") if f.is_file())
+    assert ckpt_bytes < 0.5 * (folder / "model.safetensors").stat().st_size
+    # The merged export and base + adapter give the same logits; training moved them.
+    base_model, base_params = jft.load_hf(folder)
+    model, params = jft.peft.load_adapter(base_model, base_params, run / "adapter")
+    merged_model, merged = jft.load_hf(run / "hf")
+    ids = np.arange(10)[None] % base_model.config.vocab_size
+    with_adapter = model.apply({"params": params}, ids)
+    np.testing.assert_allclose(merged_model.apply({"params": merged}, ids), with_adapter, atol=1e-4)
+    assert not np.allclose(base_model.apply({"params": base_params}, ids), with_adapter, atol=1e-4)
+    # Resuming with a longer budget continues from the adapter checkpoint.
+    more = [*_peft_overrides(folder, data, steps=5), "--config.peft.lora.r=2"]
+    assert main(["train", "--config", str(config), "--workdir", str(run), *more]) == 0
+    assert json.loads((run / "report.json").read_text())["steps"] == 5
+    out = tmp_path / "eval.json"
+    args = ["eval", "--config", str(config), "--model", str(folder), "--adapter", str(run / "adapter")]
+    assert main([*args, "--out", str(out), *overrides]) == 0
+    assert json.loads(out.read_text())["adapter"] == str(run / "adapter")
+
+
+@pytest.mark.parametrize("name", ["compacter_llama", "prompt_llama"])
+def test_adapter_configs_train_and_save_their_adapter(hf_base, tmp_path, name):
+    folder, data = hf_base
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.py", _peft_overrides(folder, data))
+    cfg.peft.adapter.reduction_factor = 4  # hidden 64 -> bottleneck 16, divisible by phm_dim 4
+    report = fit(cfg, tmp_path / "run")
+    assert report["after"]["loss"] < report["before"]["loss"]
+    model, params = jft.peft.load_adapter(*jft.load_hf(folder), tmp_path / "run" / "adapter")
+    assert model.peft.methods == (("adapter",) if name == "compacter_llama" else ("prompt",))
+    assert "hf" not in report  # neither folds into the weights: the adapter is the export
+
+
+def test_peft_config_errors(hf_base, tmp_path):
+    folder, data = hf_base
+    config = Path(__file__).parent.parent / "configs" / "lora_llama.py"
+    with pytest.raises(ConfigError, match="peft.methods: unknown \\['loha'\\]"):
+        fit(load_config(config, [*_peft_overrides(folder, data), "--config.peft.methods=('loha',)"]), tmp_path / "a")
+    with pytest.raises(ConfigError, match="train.rules and peft.methods"):
+        rules = """--config.train.rules=(("lm_head/.*", "trainable"), (".*", "frozen"))"""
+        fit(load_config(config, [*_peft_overrides(folder, data), rules]), tmp_path / "b")
+    with pytest.raises(ValueError, match="no module named \\['c_attn'\\]"):
+        fit(
+            load_config(config, [*_peft_overrides(folder, data), "--config.peft.lora.targets=('c_attn',)"]),
+            tmp_path / "c",
+        )
+    assert not (tmp_path / "c").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +17,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jft.models.peft_spec import Adapter, LinearPeft
 
 Array = jax.Array
 
@@ -54,7 +57,14 @@ class Linear(nn.Module):
     """``y = x @ kernel (+ bias)`` with kernel ``[in, out]`` and logical axes ``axes``.
 
     ``out_dtype`` lets the lm_head accumulate and return float32 logits from bf16 inputs
-    without materialising a float32 copy of its kernel.
+    without materialising a float32 copy of its kernel. ``peft`` adds, when set:
+
+    - LoRA: ``+ s * (dropout(x) @ lora_a) @ lora_b`` (``lora_a [in, r]``, ``lora_b [r, out]``
+      zero-initialised; ``A B`` is never formed). Dropout is active only when the caller
+      passes a ``dropout`` rng (training).
+    - DoRA: ``lora_magnitude [out]`` rescales each output column of ``W + s A B`` to that
+      norm; the norm is a constant in the backward pass, as in the DoRA paper.
+    - IA3: ``ia3 [out]`` scales the output (bias included), or ``ia3 [in]`` the input.
     """
 
     features: int
@@ -63,26 +73,121 @@ class Linear(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     out_dtype: Any = None
+    peft: LinearPeft | None = None
+    kernel_init: Callable = default_init
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(default_init, self.axes),
-            (x.shape[-1], self.features),
-            self.param_dtype,
+        p, dt = self.peft or LinearPeft(), self.dtype
+        n_in = x.shape[-1]
+        param = lambda name, init, shape, axes: self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype
         )
-        out_dtype = self.out_dtype or self.dtype
-        y = dense(x.astype(self.dtype), kernel.astype(self.dtype), jnp.dtype(out_dtype))
+        kernel = param("kernel", self.kernel_init, (n_in, self.features), self.axes)
+        out_dtype = jnp.dtype(self.out_dtype or dt)
+        x = x.astype(dt)
+        if p.ia3 == "in":
+            x = x * param("ia3", nn.initializers.ones_init(), (n_in,), self.axes[:1]).astype(dt)
+        y = dense(x, kernel.astype(dt), out_dtype)
+        if p.r:
+            a_init = lora_a_init(p.init, p.r)
+            a = param("lora_a", a_init, (n_in, p.r), (self.axes[0], None)).astype(dt)
+            b = param("lora_b", nn.initializers.zeros_init(), (p.r, self.features), (None, self.axes[1])).astype(dt)
+            x_drop = x
+            if p.dropout and self.has_rng("dropout"):
+                x_drop = nn.Dropout(p.dropout, deterministic=False)(x)
+            lora = dense(dense(x_drop, a, dt), b, out_dtype)
+            if p.dora:
+                magnitude = param("lora_magnitude", nn.initializers.ones_init(), (self.features,), self.axes[1:])
+                norm = jax.lax.stop_gradient(dora_column_norm(kernel, a, b, p.scale))
+                m = (magnitude.astype(jnp.float32) / norm).astype(out_dtype)
+                base = y if x_drop is x else dense(x_drop, kernel.astype(dt), out_dtype)
+                y = y + (m - 1) * base + m * p.scale * lora
+            else:
+                y = y + p.scale * lora
         if self.use_bias:
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]),
-                (self.features,),
-                self.param_dtype,
-            )
-            y = y + bias.astype(out_dtype)
+            y = y + param("bias", nn.initializers.zeros_init(), (self.features,), self.axes[1:]).astype(out_dtype)
+        if p.ia3 == "out":
+            y = y * param("ia3", nn.initializers.ones_init(), (self.features,), self.axes[1:]).astype(out_dtype)
         return y
+
+
+def lora_a_init(kind: str, r: int) -> Callable:
+    """peft's initialisations of ``A [in, r]``: U(+-1/sqrt(in)) (``uniform``) or N(0, 1/r)."""
+    if kind == "gaussian":
+        return nn.initializers.normal(stddev=1.0 / r)
+
+    def uniform(rng, shape, dtype=jnp.float32):
+        bound = 1.0 / math.sqrt(shape[0])
+        return jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+    return uniform
+
+
+def dora_column_norm(kernel: Array, a: Array, b: Array, scale: float) -> Array:
+    """``||W + s A B||`` per output column ``[out]`` (float32), without forming ``A B``:
+    ``|W_o|^2 + 2 s (A^T W)_o . B_o + s^2 B_o^T (A^T A) B_o``."""
+    w, a, b = (t.astype(jnp.float32) for t in (kernel, a, b))
+    sq = jnp.sum(w * w, axis=0) + 2 * scale * jnp.sum((a.T @ w) * b, axis=0)
+    sq = sq + scale**2 * jnp.sum(b * ((a.T @ a) @ b), axis=0)
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "tanh": jnp.tanh}
+
+
+class PHMLinear(nn.Module):
+    """Compacter's parameterised hypercomplex layer: ``x @ sum_i kron(rule_i, s_i @ t_i) + b``.
+
+    ``rule [n, n, n]`` is shared (passed in); ``s [n, in/n, k]`` and ``t [n, k, out/n]`` are
+    this layer's. ``zero`` starts ``t`` at zero (the adapter's up projection).
+    """
+
+    features: int
+    rank: int
+    zero: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, rule: Array) -> Array:
+        n = rule.shape[0]
+        n_in, n_out = x.shape[-1], self.features
+        std = nn.initializers.normal(stddev=0.02**0.5)
+        s = self.param("phm_s", std, (n, n_in // n, self.rank), self.param_dtype)
+        t_init = nn.initializers.zeros_init() if self.zero else std
+        t = self.param("phm_t", t_init, (n, self.rank, n_out // n), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (n_out,), self.param_dtype)
+        blocks = jnp.einsum("ipk,ikq->ipq", s, t)  # [n, in/n, out/n]
+        # kron(rule_i, B_i)[a*p + c, b*q + d] = rule_i[a, b] * B_i[c, d]
+        kernel = jnp.einsum("iab,icd->acbd", rule, blocks).reshape(n_in, n_out)
+        return dense(x.astype(self.dtype), kernel.astype(self.dtype), jnp.dtype(self.dtype)) + bias.astype(self.dtype)
+
+
+class Bottleneck(nn.Module):
+    """A bottleneck adapter ``h + up(f(down(h)))`` (``up`` zero-initialised: starts as identity).
+
+    With ``phm_rule`` (Compacter) both projections are :class:`PHMLinear` layers.
+    """
+
+    spec: Adapter
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, phm_rule: Array | None) -> Array:
+        spec, dims = self.spec, h.shape[-1]
+        width = dims // spec.reduction_factor
+        act = ACTIVATIONS[spec.nonlinearity]
+        if phm_rule is None:
+            kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+            z = act(Linear(width, ("embed", None), name="down", **kw)(h))
+            out = Linear(dims, (None, "embed"), kernel_init=nn.initializers.zeros_init(), name="up", **kw)(z)
+        else:
+            kw = dict(rank=spec.phm_rank, dtype=self.dtype, param_dtype=self.param_dtype)
+            z = act(PHMLinear(width, name="down", **kw)(h, phm_rule))
+            out = PHMLinear(dims, zero=True, name="up", **kw)(z, phm_rule)
+        return h + out.astype(h.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.models.layers import (
+    Bottleneck,
     KVCache,
     Linear,
     RMSNorm,
@@ -30,6 +31,7 @@ from jft.models.layers import (
     rope_inv_freq,
     segment_positions,
 )
+from jft.models.peft_spec import Peft
 
 Array = jax.Array
 
@@ -111,14 +113,18 @@ class LlamaConfig:
 
 class Attention(nn.Module):
     config: LlamaConfig
+    peft: Peft = Peft()
 
     @nn.compact
-    def __call__(self, x, cos, sin, masks, kv_cache):
+    def __call__(self, x, cos, sin, masks, kv_cache, prefix_kv):
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         bias = cfg.attention_bias or cfg.qkv_bias
-        proj = lambda n, f, ax, b: Linear(f, ax, use_bias=b, dtype=dt, param_dtype=pdt, name=n)  # noqa: E731
+
+        def proj(n, f, ax, b):
+            return Linear(f, ax, b, dt, pdt, peft=self.peft.linear(f"self_attn.{n}"), name=n)
+
         b, t, _ = x.shape
         q = proj("q_proj", h * d, ("embed", "heads"), bias)(x).reshape(b, t, h, d)
         k = proj("k_proj", kv * d, ("embed", "kv_heads"), bias)(x).reshape(b, t, kv, d)
@@ -131,51 +137,74 @@ class Attention(nn.Module):
         blocks = [(k, v, masks[0])]
         if kv_cache is not None:  # earlier tokens; the caller writes the new k, v into the cache
             blocks.insert(0, (kv_cache[0].astype(dt), kv_cache[1].astype(dt), masks[1]))
+        if prefix_kv is not None:  # prefix tuning: [n, kv_heads, head_dim] keys and values, seen by all
+            pk, pv = (
+                jnp.broadcast_to(p.transpose(1, 0, 2)[None].astype(dt), (b, kv) + p.shape[:1] + (d,)) for p in prefix_kv
+            )
+            blocks.insert(0, (pk, pv, jnp.ones((b, t, pk.shape[2]), bool)))
         out = attention(q, blocks)
         return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.attention_bias)(out), (k, v)
 
 
 class MLP(nn.Module):
     config: LlamaConfig
+    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        up = lambda n: Linear(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, dt, pdt, name=n)  # noqa: E731
-        hidden = nn.silu(up("gate_proj")(x)) * up("up_proj")(x)
-        return Linear(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, dt, pdt, name="down_proj")(hidden)
+
+        def proj(n, f, ax):
+            return Linear(f, ax, cfg.mlp_bias, dt, pdt, peft=self.peft.linear(f"mlp.{n}"), name=n)
+
+        hidden = nn.silu(proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
+        hidden = hidden * proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
 
 class DecoderLayer(nn.Module):
     """One pre-norm block, scanned: ``(x, broadcast..., per-layer xs) -> (x, per-layer ys)``.
 
-    xs: this layer's attention window and cached keys/values (or None); ys: the keys and
-    values of the new tokens, which the decoder writes into the cache.
+    xs: this layer's attention window, cached keys/values (or None) and prefix-tuning keys/
+    values (or None); ys: the keys and values of the new tokens, which the decoder writes into
+    the cache. ``phm_rule`` is the Compacter rule shared by all layers (or None).
     """
 
     config: LlamaConfig
+    peft: Peft = Peft()
 
     @nn.compact
-    def __call__(self, x, cos, sin, masks, distances, xs):
-        cfg = self.config
+    def __call__(self, x, cos, sin, masks, distances, phm_rule, xs):
+        cfg, adapter = self.config, self.peft.adapter
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        window, kv_cache = xs
+        window, kv_cache, prefix_kv = xs
         masks = [m & (dist < window)[None] for m, dist in zip(masks, distances, strict=True)]
         norm = lambda n: RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name=n)  # noqa: E731
-        h, new_kv = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin, masks, kv_cache)
+        attn = Attention(cfg, self.peft, name="self_attn")
+        h, new_kv = attn(norm("input_layernorm")(x), cos, sin, masks, kv_cache, prefix_kv)
+        if adapter is not None and adapter.kind == "houlsby":
+            h = Bottleneck(adapter, dt, pdt, name="attn_adapter")(h, phm_rule)
         x = x + h
-        x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
-        return x, new_kv
+        h = MLP(cfg, self.peft, name="mlp")(norm("post_attention_layernorm")(x))
+        if adapter is not None:
+            h = Bottleneck(adapter, dt, pdt, name="mlp_adapter")(h, phm_rule)
+        return x + h, new_kv
 
 
 class Decoder(nn.Module):
-    """Embeddings, the scanned layer stack and the final norm: hidden states ``[b, t, embed]``."""
+    """Embeddings, the scanned layer stack and the final norm: hidden states ``[b, t, embed]``.
+
+    Prompt tuning puts its virtual tokens before the sequence on the first call (the cache
+    then holds them); prefix tuning adds its keys and values to every layer on every call.
+    Either way, real tokens' positions start after the virtual tokens, as in peft.
+    """
 
     config: LlamaConfig
+    peft: Peft = Peft()
 
     def setup(self):
-        cfg = self.config
+        cfg, peft = self.config, self.peft
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.embed_tokens = nn.Embed(
             cfg.vocab_size,
@@ -190,42 +219,92 @@ class Decoder(nn.Module):
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 4 + (0,),
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * 5 + (0,),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg)
+        )(cfg, peft)
         self.norm = RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt)
+        if peft.adapter is not None and peft.adapter.phm_dim:
+            n = peft.adapter.phm_dim
+            self.phm_rule = self.param("phm_rule", nn.initializers.normal(stddev=n**-0.5), (n, n, n), pdt)
+        if peft.prompt is not None:
+            init = nn.with_logical_partitioning(default_init, (None, "embed"))
+            self.prompt = self.param("prompt", init, (peft.prompt_tokens, cfg.hidden_size), pdt)
+        if peft.prefix is not None:
+            self.prefix = PrefixTable(cfg, peft.prefix)
 
     def __call__(self, input_ids, positions, attention_mask, segment_ids, cache):
-        cfg = self.config
+        cfg, peft = self.config, self.peft
         b, t = input_ids.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+        first_call = cache is None or cache.empty
+        n_prompt = peft.prompt_tokens if first_call else 0  # later calls find them in the cache
         if positions is None:
             if segment_ids is not None:
                 positions = segment_positions(segment_ids)
             else:  # count of real tokens before each one, so left padding does not shift positions
-                seen = 0 if cache is None else cache.mask.sum(-1, keepdims=True)
+                seen = 0 if first_call else cache.mask.sum(-1, keepdims=True) - peft.prompt_tokens
                 positions = jnp.maximum(seen + jnp.cumsum(valid, axis=-1) - 1, 0)
+        positions = positions + peft.prompt_tokens + peft.prefix_tokens
+        x = self.embed_tokens(input_ids)
+        if n_prompt:  # virtual tokens: positions 0..n-1, seen by every token of every segment
+            x = jnp.concatenate([jnp.broadcast_to(self.prompt.astype(x.dtype), (b,) + self.prompt.shape), x], 1)
+            positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt)), positions], 1)
+            valid = jnp.concatenate([jnp.ones((b, n_prompt), bool), valid], 1)
+            if segment_ids is not None:
+                segment_ids = jnp.concatenate([jnp.full((b, n_prompt), -1, segment_ids.dtype), segment_ids], 1)
         # Masks [b, t, keys] and index distances [t, keys] for the new tokens, then the cache.
-        new_idx = jnp.arange(t)
+        new_idx = jnp.arange(n_prompt + t)
         masks = [(new_idx[None, :] <= new_idx[:, None])[None] & valid[:, None, :]]
         distances = [new_idx[:, None] - new_idx[None, :]]
         if segment_ids is not None:
-            masks[0] &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            masks[0] &= (segment_ids[:, :, None] == segment_ids[:, None, :]) | (new_idx < n_prompt)[None, None, :]
         kv_cache = None
-        if cache is not None and not cache.empty:  # cached slots all precede the new tokens
+        if not first_call:  # cached slots all precede the new tokens
             masks.append(jnp.broadcast_to(cache.mask[:, None, :], (b, t, cache.length)))
             distances.append(cache.index + new_idx[:, None] - jnp.arange(cache.length)[None, :])
             kv_cache = (cache.k, cache.v)
         cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_size, cfg.rope_theta, _dict(cfg.rope_scaling)))
-        x = self.embed_tokens(input_ids)
-        x, (k, v) = self.layers(x, cos, sin, masks, distances, (jnp.asarray(cfg.layer_windows), kv_cache))
+        prefix_kv = self.prefix() if peft.prefix is not None else None
+        phm_rule = self.phm_rule if peft.adapter is not None and peft.adapter.phm_dim else None
+        xs = (jnp.asarray(cfg.layer_windows), kv_cache, prefix_kv)
+        x, (k, v) = self.layers(x, cos, sin, masks, distances, phm_rule, xs)
         if cache is not None:
             cache = cache.write(k, v, valid)
-        return self.norm(x), cache
+        return self.norm(x[:, n_prompt:]), cache
+
+
+class PrefixTable(nn.Module):
+    """Prefix tuning's keys and values: two ``[layers, n, kv_heads, head_dim]`` arrays.
+
+    ``embedding [n, layers * 2 * kv_heads * head_dim]`` is peft's table (per virtual token:
+    layer 0 keys, layer 0 values, layer 1 keys, ...). With ``projection_dim`` it is computed
+    from ``embedding [n, kv_heads * head_dim]`` by ``mlp_out(tanh(mlp_in(embedding)))``.
+    """
+
+    config: LlamaConfig
+    spec: Any
+
+    @nn.compact
+    def __call__(self):
+        cfg, spec = self.config, self.spec
+        pdt = jnp.dtype(cfg.param_dtype)
+        kv_dim = cfg.num_key_value_heads * cfg.head_size
+        full = cfg.num_hidden_layers * 2 * kv_dim
+        width = kv_dim if spec.projection_dim else full
+        init = nn.with_logical_partitioning(default_init, (None, None))
+        table = self.param("embedding", init, (spec.num_virtual_tokens, width), pdt)
+        if spec.projection_dim:
+            kw = dict(use_bias=True, dtype=jnp.float32, param_dtype=pdt)
+            hidden = jnp.tanh(Linear(spec.projection_dim, (None, None), name="mlp_in", **kw)(table))
+            table = Linear(full, (None, None), name="mlp_out", **kw)(hidden)
+        n = spec.num_virtual_tokens
+        table = table.reshape(n, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, cfg.head_size)
+        table = table.transpose(1, 2, 0, 3, 4)  # [layers, 2, n, kv_heads, head_dim]
+        return table[:, 0], table[:, 1]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -239,10 +318,16 @@ class LlamaForCausalLM(nn.Module):
     """
 
     config: LlamaConfig
+    peft: Peft = Peft()
+
+    def __post_init__(self):
+        # Targets as module names, so every module can ask the spec what it computes.
+        object.__setattr__(self, "peft", self.peft.resolve(self.config.num_hidden_layers))
+        super().__post_init__()
 
     def setup(self):
         cfg = self.config
-        self.model = Decoder(cfg)
+        self.model = Decoder(cfg, self.peft)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(
                 cfg.vocab_size,
@@ -250,6 +335,7 @@ class LlamaForCausalLM(nn.Module):
                 dtype=jnp.dtype(cfg.dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype),
                 out_dtype=jnp.float32,
+                peft=self.peft.linear("lm_head"),
             )
 
     def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None, cache=None, last_only=False):
@@ -277,12 +363,13 @@ class LlamaForCausalLM(nn.Module):
         return nn.get_partition_spec(boxed)
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
-        """An empty cache for ``batch`` rows of at most ``length`` tokens (prompt + new)."""
+        """An empty cache for ``batch`` rows of at most ``length`` tokens (prompt + new; room for
+        prompt tuning's virtual tokens is added)."""
         cfg = self.config
         return KVCache.create(
             cfg.num_hidden_layers,
             batch,
-            length,
+            length + self.peft.prompt_tokens,
             cfg.num_key_value_heads,
             cfg.head_size,
             jnp.dtype(dtype or cfg.dtype),

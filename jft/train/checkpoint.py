@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jft.train.state import TrainState
+
 
 class Checkpoints:
     def __init__(self, workdir: Path, keep: int):
@@ -23,22 +25,28 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.last.latest_step()
 
-    def save(self, step: int, state, meta: dict, best: bool = False) -> None:
-        """Start an asynchronous save of ``state`` (a pytree) and ``meta`` (JSON) at ``step``."""
+    def save(self, step: int, state: TrainState, meta: dict, best: bool = False) -> None:
+        """Start an asynchronous save of ``state`` and ``meta`` (JSON) at ``step``.
+
+        The frozen params are not saved: they are the base model's (its files, or its seeded
+        initialisation), which a resumed run loads again. A LoRA checkpoint is adapter-sized.
+        """
         manager = self.best if best else self.last
         if step in manager.all_steps():
             return
+        state = state.replace(frozen={})
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         manager.save(step, args=args)
 
-    def restore(self, state, step: int | None = None, best: bool = False):
-        """``(state, meta)`` of a checkpoint (default the latest), shaped and sharded like ``state``."""
+    def restore(self, state: TrainState, step: int | None = None, best: bool = False):
+        """``(state, meta)`` of a checkpoint (default the latest), shaped and sharded like ``state``,
+        whose frozen params are kept."""
         manager = self.best if best else self.last
         step = manager.latest_step() if step is None else step
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.replace(frozen={}))
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         restored = manager.restore(step, args=args)
-        return restored.state, restored.meta
+        return restored.state.replace(frozen=state.frozen), restored.meta
 
     def close(self) -> None:
         """Wait for pending saves, then release the managers."""

@@ -20,7 +20,8 @@ import numpy as np
 
 from jft import data as jdata
 from jft import evaluate as jeval
-from jft.config import ConfigDict, ConfigError, check, to_json
+from jft import peft
+from jft.config import ConfigDict, ConfigError, check, default_config, to_json
 from jft.hf import load_hf, load_tokenizer, save_hf
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.train import partition
@@ -30,7 +31,8 @@ from jft.train.state import TrainState
 from jft.train.step import make_eval_step, make_train_step
 
 # Changing these between a run and its resumption would change what the run trains on.
-_FIXED_ON_RESUME = ("model.", "tokenizer.", "data.", "train.seed", "train.batch_size", "train.rules")
+PEFT_METHODS = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt")
+_FIXED_ON_RESUME = ("model.", "tokenizer.", "data.", "peft.", "train.seed", "train.batch_size", "train.rules")
 
 
 class TrainingError(RuntimeError):
@@ -60,6 +62,8 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     # ------------------------------------------------------------------ Model
     model, params = _model(cfg, tokenizer)
     vocab = model.config.vocab_size
+    if cfg.peft.methods:
+        model, params = peft.inject(model, params, _peft_spec(cfg, tokenizer), jax.random.key(cfg.train.seed + 1))
 
     # ------------------------------------------------------------------ Tokens, rows, batches
     template = jdata.TEMPLATES[cfg.data.template]
@@ -77,7 +81,10 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
 
     # ------------------------------------------------------------------ Partition + optimizer
     num_layers = model.config.num_hidden_layers
-    labels = partition.labels(params, cfg.train.rules, num_layers)
+    if cfg.peft.methods:
+        labels = peft.labels(params, model.peft)
+    else:
+        labels = partition.labels(params, cfg.train.rules, num_layers)
     _log(main, partition.summary(params, labels))
     masks = partition.layer_masks(partition.split(params, labels)[0], labels)  # partly frozen layer stacks
     o = cfg.optim
@@ -118,7 +125,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     ckpts = Checkpoints(workdir, cfg.train.keep_checkpoints)
     meta = {"best_loss": None, "bad_evals": 0, "before": None}
     if ckpts.latest_step is not None:
-        state, meta = ckpts.restore(state)
+        state, meta = ckpts.restore(state)  # frozen params come from the model source, not the checkpoint
         batches.restore(meta["data"])
         _log(main, f"resumed from step {int(state.step)} ({workdir / 'ckpt'})")
     else:
@@ -201,9 +208,15 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         "workdir": str(workdir),
     }
     if main:
-        if cfg.export.hf:
-            params = partition.merge(state.trainable, state.frozen)
-            save_hf(model, params, workdir / "hf", dtype=cfg.export.dtype or None, tokenizer=tokenizer)
+        export_model, params = model, partition.merge(state.trainable, state.frozen)
+        if cfg.peft.methods:
+            report["adapter"] = str(peft.save_adapter(model, params, workdir / "adapter"))
+            export_model, params = peft.merge(model, params)
+        if cfg.export.hf and export_model.peft.methods:
+            left = export_model.peft.methods
+            _log(main, f"no HF export: {left} do not fold into the weights; the adapter is in {report['adapter']}")
+        elif cfg.export.hf:
+            save_hf(export_model, params, workdir / "hf", dtype=cfg.export.dtype or None, tokenizer=tokenizer)
             report["hf"] = str(workdir / "hf")
         jeval.write_report(workdir / "report.json", report)
         _plot(workdir)
@@ -211,8 +224,11 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     return report
 
 
-def evaluate(config: ConfigDict, model_path: str | os.PathLike, out: str | os.PathLike) -> dict:
-    """Score a Hugging Face model folder on ``config``'s validation data; write a JSON report.
+def evaluate(
+    config: ConfigDict, model_path: str | os.PathLike, out: str | os.PathLike, adapter: str | None = None
+) -> dict:
+    """Score a Hugging Face model folder (with a PEFT ``adapter`` folder on top, if given) on
+    ``config``'s validation data; write a JSON report.
 
     The validation records are ``data.validation``, or the same held-out share of
     ``data.train`` that training used. Reports loss, perplexity and generation metrics.
@@ -220,6 +236,8 @@ def evaluate(config: ConfigDict, model_path: str | os.PathLike, out: str | os.Pa
     check(config)
     cfg = config
     model, params = load_hf(model_path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype or None)
+    if adapter:
+        model, params = peft.load_adapter(model, params, adapter)
     tokenizer = load_tokenizer(model_path)
     if tokenizer is None:
         raise ConfigError(f"{model_path} has no tokenizer; save one beside the model (save_hf(..., tokenizer=))")
@@ -230,7 +248,7 @@ def evaluate(config: ConfigDict, model_path: str | os.PathLike, out: str | os.Pa
     report = evaluate_loss(jax.jit(make_eval_step(model)), params, rows, cfg.train.batch_size)
     if cfg.eval.num_examples:
         report.update(generation_report(model, params, tokenizer, pairs[: cfg.eval.num_examples], template, cfg.eval))
-    report.update(model=str(model_path), data=str(stats))
+    report.update(model=str(model_path), data=str(stats), **({"adapter": str(adapter)} if adapter else {}))
     jeval.write_report(Path(out), report)
     return report
 
@@ -335,6 +353,41 @@ def _model(cfg, tokenizer):
     )
     model = LlamaForCausalLM(config)
     return model, model.init_params(jax.random.key(cfg.train.seed))
+
+
+def _peft_spec(cfg, tokenizer) -> peft.Peft:
+    """The :class:`jft.peft.Peft` that ``cfg.peft`` describes (ValueError/ConfigError when it is bad)."""
+    p = cfg.peft
+    unknown = sorted(set(p.methods) - set(PEFT_METHODS))
+    if unknown:
+        raise ConfigError(f"peft.methods: unknown {unknown}; choose from {PEFT_METHODS}")
+    if tuple(cfg.train.rules) != tuple(tuple(r) for r in default_config().train.rules):
+        raise ConfigError("train.rules and peft.methods both set: with PEFT, add extra rules in peft.train instead")
+    kw = {}
+    if "lora" in p.methods:
+        lora = p.lora.to_dict()
+        regex, targets = lora.pop("target_regex"), tuple(lora.pop("targets"))
+        lora["targets"] = regex or ("all-linear" if targets == ("all-linear",) else targets)
+        lora["rank_pattern"] = tuple(tuple(x) for x in lora["rank_pattern"])
+        lora["alpha_pattern"] = tuple(tuple(x) for x in lora["alpha_pattern"])
+        kw["lora"] = peft.Lora(**lora)
+    if "ia3" in p.methods:
+        kw["ia3"] = peft.IA3(targets=tuple(p.ia3.targets), feedforward=tuple(p.ia3.feedforward))
+    if "bitfit" in p.methods:
+        kw["bitfit"] = peft.BitFit(biases=tuple(p.bitfit.biases))
+    if "adapter" in p.methods:
+        kw["adapter"] = peft.Adapter(**p.adapter.to_dict())
+    if "prefix" in p.methods:
+        kw["prefix"] = peft.Prefix(**p.prefix.to_dict())
+    if "prompt" in p.methods:
+        ids = ()
+        if p.prompt.init == "text":
+            ids = tuple(tokenizer(p.prompt.init_text, add_special_tokens=False)["input_ids"])
+        kw["prompt"] = peft.Prompt(p.prompt.num_virtual_tokens, p.prompt.init, ids)
+    try:
+        return peft.Peft(**kw, train=tuple(tuple(r) for r in p.train))
+    except ValueError as e:
+        raise ConfigError(f"peft: {e}") from None
 
 
 def _strings(record: dict):
