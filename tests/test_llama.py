@@ -174,3 +174,13 @@ def test_dense_gradients_equal_autodiff_of_matmul(dtype, out_dtype):
             rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5,
             atol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
         )
+
+
+def test_swiglu_gradients_match_autodiff():
+    from jft.models.layers import swiglu
+
+    gate, up, g = (jax.random.normal(jax.random.key(i), (3, 7)) * 3 for i in range(3))
+    ours = jax.grad(lambda a, b: jnp.sum(swiglu(a, b) * g), argnums=(0, 1))(gate, up)
+    plain = jax.grad(lambda a, b: jnp.sum(jax.nn.silu(a) * b * g), argnums=(0, 1))(gate, up)
+    for x, y in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

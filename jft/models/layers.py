@@ -53,6 +53,27 @@ def _dense_bwd(out_dtype, res, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """``silu(gate) * up``; the backward pass keeps only ``gate`` and ``up`` (not the sigmoid
+    and product intermediates that autodiff would save for every layer)."""
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    return g * up * (sig + silu * (1 - sig)), g * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Linear(nn.Module):
     """``y = x @ kernel (+ bias)`` with kernel ``[in, out]`` and logical axes ``axes``.
 

@@ -30,6 +30,7 @@ from jft.models.layers import (
     rope_angles,
     rope_inv_freq,
     segment_positions,
+    swiglu,
 )
 from jft.models.peft_spec import Peft
 
@@ -158,8 +159,8 @@ class MLP(nn.Module):
         def proj(n, f, ax):
             return Linear(f, ax, cfg.mlp_bias, dt, pdt, peft=self.peft.linear(f"mlp.{n}"), name=n)
 
-        hidden = nn.silu(proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
-        hidden = hidden * proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+        hidden = swiglu(gate, proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
 
