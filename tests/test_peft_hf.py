@@ -6,14 +6,13 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft as hf_peft
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-hf_peft = pytest.importorskip("peft")
-
-import jft  # noqa: E402
-from jft import peft as jpeft  # noqa: E402
-from jft.train import partition  # noqa: E402
+import jft
+from jft import peft as jpeft
+from jft.train import partition
 
 VARIANT = "llama_gqa"  # 4 query heads, 2 key/value heads: prefix tuning's GQA layout
 N_VIRTUAL = 3
