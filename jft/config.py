@@ -30,6 +30,10 @@ def default_config() -> ConfigDict:
     c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16 | float16
     c.model.compute_dtype = ""  # activation/matmul dtype; "" = model.dtype
     c.model.remat = "nothing_saveable"  # activation checkpointing per layer (see LlamaConfig.remat)
+    c.model.quantize = ""  # "" | nf4 | int4: 4-bit frozen linear kernels (QLoRA; needs model.path and PEFT)
+    c.model.quantize_skip = ("lm_head",)  # linear modules kept unquantized (embeddings, norms never are)
+    c.model.quant_block_size = 64  # values per quantization block
+    c.model.double_quant = True  # quantize the block scales to 8 bits too (QLoRA's double quantization)
     c.model.new = ConfigDict()  # architecture of a new, randomly initialised model (model.path = "")
     c.model.new.hidden_size = 256  # embedding width
     c.model.new.intermediate_size = 704  # MLP width

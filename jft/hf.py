@@ -21,7 +21,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jft import quant as jft_quant
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
+from jft.models.peft_spec import LAYER_LINEARS
+from jft.quant import QuantizedWeight, dequantize
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ARCHITECTURES = {
@@ -274,6 +277,10 @@ def load_hf(
     path: str | os.PathLike,
     dtype: str | None = None,
     compute_dtype: str | None = None,
+    quantize: str | None = None,
+    quantize_skip: tuple[str, ...] = ("lm_head",),
+    block_size: int = 64,
+    double_quant: bool = True,
     **config_overrides,
 ) -> tuple[LlamaForCausalLM, dict]:
     """Load a Hugging Face model folder (or hub id) into ``(model, params)``.
@@ -283,6 +290,11 @@ def load_hf(
       dtype: parameter dtype ("float32", "bfloat16", "float16"); default: the checkpoint's
         own dtype (config ``dtype``/``torch_dtype``), float32 when it names none.
       compute_dtype: activation/matmul dtype; default ``dtype``. Logits are always float32.
+      quantize: ``"nf4"`` or ``"int4"`` to store the linear kernels in 4 bits
+        (:mod:`jft.quant`, QLoRA's frozen base), each matrix quantized as it is read.
+      quantize_skip: linear modules kept in ``dtype`` (names as in ``jft.peft.LINEARS``, short
+        names match too); embeddings and norms are never quantized.
+      block_size, double_quant: see :func:`jft.quant.quantize`.
       config_overrides: any other :class:`LlamaConfig` field, e.g. ``remat="none"``.
 
     Tensors are converted one parameter at a time (a layer stack is filled layer by layer),
@@ -293,6 +305,7 @@ def load_hf(
     folder = resolve(path)
     cfg = read_config(folder, param_dtype=dtype, dtype=compute_dtype, **config_overrides)
     model = LlamaForCausalLM(cfg)
+    quantized = _quantized_modules(quantize, quantize_skip)
     files = _weight_map(folder)
     used = set()
     params: dict = {}
@@ -304,7 +317,9 @@ def load_hf(
             stacked = "layers" in path_[:-1]
             per_layer = spec.shape[1:] if stacked else spec.shape
             stored = per_layer[::-1] if path_[-1] == "kernel" else per_layer  # HF keeps [out, in]
-            buf = np.empty(spec.shape, _DTYPES[cfg.param_dtype])
+            module = ".".join(path_[-3:-1]) if stacked else path_[0]
+            quantized_kernel = path_[-1] == "kernel" and module in quantized
+            buf = [] if quantized_kernel else np.empty(spec.shape, _DTYPES[cfg.param_dtype])
             for i, name in enumerate(hf_names(path_, cfg.num_hidden_layers)):
                 if name not in files:
                     raise CheckpointError(
@@ -317,8 +332,14 @@ def load_hf(
                         f"{files[name]}: tensor {name!r} has shape {tensor.shape}, config.json implies "
                         f"{tuple(stored)}; check that config.json belongs to these weights"
                     )
-                buf[i if stacked else ...] = tensor.T if path_[-1] == "kernel" else tensor
                 used.add(name)
+                if quantized_kernel:  # on the device, so only this matrix is ever in full precision
+                    w = jnp.asarray(tensor.T, _DTYPES[cfg.param_dtype])
+                    buf.append(jft_quant.quantize(w, quantize, block_size, double_quant))
+                    continue
+                buf[i if stacked else ...] = tensor.T if path_[-1] == "kernel" else tensor
+            if quantized_kernel:
+                return jax.tree.map(lambda *x: jnp.stack(x), *buf) if stacked else buf[0]
             return jax.device_put(buf).block_until_ready()  # placed before buf is released
 
         for path_, spec in _flat(model.param_shapes()):
@@ -332,6 +353,19 @@ def load_hf(
             "check that config.json belongs to these weights"
         )
     return model, params
+
+
+def _quantized_modules(kind: str | None, skip: tuple[str, ...]) -> set[str]:
+    """Names (``self_attn.q_proj``, ``lm_head``) of the linear modules ``load_hf`` quantizes."""
+    if kind is None:
+        return set()
+    if kind not in jft_quant.TABLES:
+        raise ValueError(f"quantize={kind!r} is not supported; use one of {sorted(jft_quant.TABLES)} or None")
+    names = set(LAYER_LINEARS + ("lm_head",))
+    unknown = [s for s in skip if not any(n == s or n.endswith("." + s) for n in names)]
+    if unknown:
+        raise ValueError(f"quantize_skip names {unknown}, which are not linear modules; choose from {sorted(names)}")
+    return {n for n in names if not any(n == s or n.endswith("." + s) for s in skip)}
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -376,7 +410,7 @@ def save_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     leaves = list(_flat(params))
-    dtype = dtype or str(jnp.dtype(leaves[0][1].dtype))
+    dtype = dtype or str(jnp.dtype(leaves[0][1].dtype))  # the embedding table's (never quantized)
     if dtype not in _DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {list(_DTYPES)}")
     np_dtype = _DTYPES[dtype]
@@ -386,7 +420,8 @@ def save_hf(
         names = hf_names(path_, cfg.num_hidden_layers)
         stacked = "layers" in path_[:-1]
         for i, name in enumerate(names):
-            nbytes = int(np.prod(leaf.shape[1:] if stacked else leaf.shape)) * np.dtype(np_dtype).itemsize
+            shape = getattr(leaf, "full_shape", leaf.shape)
+            nbytes = int(np.prod(shape[1:] if stacked else shape)) * np.dtype(np_dtype).itemsize
             plan.append((name, path_, i if stacked else None, nbytes))
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
@@ -403,7 +438,11 @@ def save_hf(
     for fname, shard in zip(names, shards, strict=True):
         tensors = {}
         for name, path_, layer, _ in shard:
-            value = lookup[path_] if layer is None else lookup[path_][layer]
+            value = lookup[path_]
+            if layer is not None:
+                value = jax.tree.map(lambda x, i=layer: x[i], value)
+            if isinstance(value, QuantizedWeight):  # a QLoRA base: written dequantized, one matrix at a time
+                value = dequantize(value, jnp.float32)
             array = np.asarray(jax.device_get(value)).astype(np_dtype)
             tensors[name] = np.ascontiguousarray(array.T if path_[-1] == "kernel" else array)
         _atomic(out / fname, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))

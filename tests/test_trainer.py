@@ -189,6 +189,11 @@ def test_resume_refuses_a_changed_data_config(tmp_path):
     fit(tiny_config(data, train__max_steps=4), tmp_path / "run")
     with pytest.raises(TrainingError, match=r"differs in \['data.seq_len'\]"):
         fit(tiny_config(data, train__max_steps=8, data__seq_len=32), tmp_path / "run")
+    # A run saved before the schema gained a section resumes: missing keys count as defaults.
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["peft"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    assert fit(tiny_config(data, train__max_steps=6), tmp_path / "run")["steps"] == 6
 
 
 def test_bad_input_fails_before_writing(tmp_path):
@@ -341,3 +346,21 @@ def test_peft_config_errors(hf_base, tmp_path):
             tmp_path / "c",
         )
     assert not (tmp_path / "c").exists()
+
+
+def test_qlora_config_on_a_hugging_face_folder(hf_base, tmp_path):
+    folder, data = hf_base
+    config = Path(__file__).parent.parent / "configs" / "qlora_llama.py"
+    overrides = [*_peft_overrides(folder, data), "--config.model.dtype=float32", "--config.export.dtype=float32"]
+    report = fit(load_config(config, overrides), tmp_path / "run")
+    assert report["after"]["loss"] < report["before"]["loss"]
+    # base (4-bit, as trained) + adapter == the exported merged model (dequantized)
+    base_model, base_params = jft.load_hf(folder, quantize="nf4")
+    model, params = jft.peft.load_adapter(base_model, base_params, tmp_path / "run" / "adapter")
+    merged_model, merged = jft.load_hf(tmp_path / "run" / "hf")
+    ids = np.arange(10)[None] % base_model.config.vocab_size
+    np.testing.assert_allclose(
+        merged_model.apply({"params": merged}, ids), model.apply({"params": params}, ids), atol=1e-4
+    )
+    with pytest.raises(ConfigError, match="model.quantize .* needs a model.path"):
+        fit(load_config(config, ["--config.data.train=" + str(data)]), tmp_path / "bad")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.models.peft_spec import Adapter, LinearPeft
+from jft.quant import QuantizedWeight, dequantize, dequantize_t
 
 Array = jax.Array
 
@@ -51,6 +52,28 @@ def _dense_bwd(out_dtype, res, g):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def qdense(x: Array, q: QuantizedWeight, dtype, out_dtype) -> Array:
+    """``x @ dequantize(q)`` for a 4-bit kernel: the weight is dequantized (to ``dtype``) inside
+    the matmul's fusion, never stored; the backward pass dequantizes it again and returns the
+    gradient of ``x`` only (a quantized base is frozen)."""
+    w = dequantize_t(q, dtype)  # [out, in]
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def _qdense_fwd(x, q, dtype, out_dtype):
+    return qdense(x, q, dtype, out_dtype), q
+
+
+def _qdense_bwd(dtype, out_dtype, q, g):
+    dx = jnp.matmul(g.astype(dtype), dequantize_t(q, dtype), preferred_element_type=jnp.float32).astype(dtype)
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0) if a.dtype == np.uint8 else jnp.zeros_like(a)  # noqa: E731
+    return dx, jax.tree.map(zero, q)
+
+
+qdense.defvjp(_qdense_fwd, _qdense_bwd)
 
 
 @jax.custom_vjp
@@ -86,6 +109,8 @@ class Linear(nn.Module):
     - DoRA: ``lora_magnitude [out]`` rescales each output column of ``W + s A B`` to that
       norm; the norm is a constant in the backward pass, as in the DoRA paper.
     - IA3: ``ia3 [out]`` scales the output (bias included), or ``ia3 [in]`` the input.
+
+    The kernel may be a :class:`jft.quant.QuantizedWeight` (QLoRA's frozen 4-bit base).
     """
 
     features: int
@@ -104,12 +129,20 @@ class Linear(nn.Module):
         param = lambda name, init, shape, axes: self.param(  # noqa: E731
             name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype
         )
-        kernel = param("kernel", self.kernel_init, (n_in, self.features), self.axes)
+        kernel = self.get_variable("params", "kernel")
+        if not isinstance(kernel, QuantizedWeight):  # a 4-bit kernel has no [in, out] array to check
+            kernel = param("kernel", self.kernel_init, (n_in, self.features), self.axes)
         out_dtype = jnp.dtype(self.out_dtype or dt)
         x = x.astype(dt)
         if p.ia3 == "in":
             x = x * param("ia3", nn.initializers.ones_init(), (n_in,), self.axes[:1]).astype(dt)
-        y = dense(x, kernel.astype(dt), out_dtype)
+
+        def matmul(inputs):
+            if isinstance(kernel, QuantizedWeight):
+                return qdense(inputs, kernel, dt, out_dtype)
+            return dense(inputs, kernel.astype(dt), out_dtype)
+
+        y = matmul(x)
         if p.r:
             a_init = lora_a_init(p.init, p.r)
             a = param("lora_a", a_init, (n_in, p.r), (self.axes[0], None)).astype(dt)
@@ -122,7 +155,7 @@ class Linear(nn.Module):
                 magnitude = param("lora_magnitude", nn.initializers.ones_init(), (self.features,), self.axes[1:])
                 norm = jax.lax.stop_gradient(dora_column_norm(kernel, a, b, p.scale))
                 m = (magnitude.astype(jnp.float32) / norm).astype(out_dtype)
-                base = y if x_drop is x else dense(x_drop, kernel.astype(dt), out_dtype)
+                base = y if x_drop is x else matmul(x_drop)
                 y = y + (m - 1) * base + m * p.scale * lora
             else:
                 y = y + p.scale * lora
@@ -148,6 +181,8 @@ def lora_a_init(kind: str, r: int) -> Callable:
 def dora_column_norm(kernel: Array, a: Array, b: Array, scale: float) -> Array:
     """``||W + s A B||`` per output column ``[out]`` (float32), without forming ``A B``:
     ``|W_o|^2 + 2 s (A^T W)_o . B_o + s^2 B_o^T (A^T A) B_o``."""
+    if isinstance(kernel, QuantizedWeight):
+        kernel = dequantize(kernel, jnp.float32)
     w, a, b = (t.astype(jnp.float32) for t in (kernel, a, b))
     sq = jnp.sum(w * w, axis=0) + 2 * scale * jnp.sum((a.T @ w) * b, axis=0)
     sq = sq + scale**2 * jnp.sum(b * ((a.T @ a) @ b), axis=0)

@@ -23,6 +23,7 @@ import numpy as np
 
 from jft.models.layers import dora_column_norm
 from jft.models.peft_spec import LINEARS, Peft
+from jft.quant import QuantizedWeight, dequantize
 from jft.train import partition
 
 
@@ -158,7 +159,8 @@ def merge(model: Any, params: Mapping) -> tuple[Any, dict]:
     """Fold LoRA, DoRA and IA3 into the base weights (and a prefix MLP into its table).
 
     Returns ``(model, params)`` without those leaves; the merged model computes the same
-    logits (up to float rounding). BitFit biases become ordinary biases; adapters and
+    logits (up to float rounding). Quantized kernels (QLoRA) are dequantized first, so the
+    merged model is full precision. BitFit biases become ordinary biases; adapters and
     prompt/prefix tables stay (``model.peft.methods`` then names them).
     """
     spec = model.peft
@@ -169,7 +171,10 @@ def merge(model: Any, params: Mapping) -> tuple[Any, dict]:
             continue
         mod = _module(out, name)
         kernel = mod["kernel"]
-        w = kernel.astype(jnp.float32)
+        if isinstance(kernel, QuantizedWeight):  # QLoRA: the merged kernel is full precision again
+            w, dtype = dequantize(kernel, jnp.float32), jnp.dtype(kernel.dtype)
+        else:
+            w, dtype = kernel.astype(jnp.float32), kernel.dtype
         if layer.r:
             a, b = mod.pop("lora_a").astype(jnp.float32), mod.pop("lora_b").astype(jnp.float32)
             w = w + layer.scale * (a @ b)
@@ -183,7 +188,7 @@ def merge(model: Any, params: Mapping) -> tuple[Any, dict]:
             w = w * scale.astype(jnp.float32)[..., None, :]
             if "bias" in mod:
                 mod["bias"] = (mod["bias"] * scale).astype(mod["bias"].dtype)
-        mod["kernel"] = w.astype(kernel.dtype)
+        mod["kernel"] = w.astype(dtype)
     new_spec = dataclasses.replace(spec, lora=None, ia3=None, bitfit=None)  # BitFit biases are plain biases now
     if spec.prefix is not None and spec.prefix.projection_dim:
         keys, values = model.apply({"params": params}, method=lambda m: m.model.prefix())

@@ -86,7 +86,7 @@ def labels(params: Mapping, rules: Rules, num_layers: int | None = None) -> dict
         name = "/".join(path)
         if not _is_stacked(path):
             return match(name, repr(name))
-        shape = np.shape(leaf)
+        shape = _shape(leaf)
         if not shape or shape[0] != num_layers:
             raise ValueError(f"stacked parameter {name!r} has shape {shape}; expected a leading axis of {num_layers}")
         rest = "/".join(path[len(STACKED_PREFIX) :])
@@ -100,7 +100,7 @@ def labels(params: Mapping, rules: Rules, num_layers: int | None = None) -> dict
         return bool(per_layer[0]) if per_layer.all() or not per_layer.any() else per_layer
 
     if num_layers is None:
-        num_layers = next((np.shape(x)[0] for p, x in _walk(params) if _is_stacked(p) and np.shape(x)), 0)
+        num_layers = next((_shape(x)[0] for p, x in _walk(params) if _is_stacked(p) and _shape(x)), 0)
     return _map(label, params)
 
 
@@ -137,7 +137,7 @@ def layer_masks(trainable: Mapping, labels: Mapping) -> dict:
     def mask(path, leaf):
         lab = _get(labels, path)
         if isinstance(lab, np.ndarray) and lab.ndim and not lab.all():
-            return lab.astype(np.float32).reshape((-1,) + (1,) * (np.ndim(leaf) - 1))
+            return lab.astype(np.float32).reshape((-1,) + (1,) * (len(_shape(leaf)) - 1))
         return None
 
     return _map(mask, trainable)
@@ -162,7 +162,7 @@ def summary(params: Mapping, labels: Mapping) -> str:
     """One line: trainable / total parameter counts and the trainable percentage."""
     total = trainable = 0
     for path, leaf in _walk(params):
-        size = int(np.prod(np.shape(leaf)))
+        size = int(np.prod(_shape(leaf)))
         total += size
         trainable += int(round(size * float(np.mean(_get(labels, path)))))
     percent = 100.0 * trainable / max(total, 1)
@@ -209,6 +209,11 @@ def _set(tree, path, value):
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
+
+
+def _shape(leaf) -> tuple:
+    """The logical shape of a leaf (a quantized kernel's is that of the kernel it stands for)."""
+    return tuple(getattr(leaf, "full_shape", np.shape(leaf)))
 
 
 def _is_stacked(path: tuple[str, ...]) -> bool:

@@ -50,6 +50,8 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     cfg = config
     workdir = Path(workdir)
     main = jax.process_index() == 0
+    if cfg.model.quantize and not (cfg.model.path and cfg.peft.methods):
+        raise ConfigError("model.quantize (QLoRA) needs a model.path to quantize and peft.methods to train")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of grad_accum={cfg.train.grad_accum}"
@@ -339,7 +341,14 @@ def _model(cfg, tokenizer):
     overrides = dict(remat=cfg.model.remat)
     if cfg.model.path:
         return load_hf(
-            cfg.model.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype or None, **overrides
+            cfg.model.path,
+            dtype=cfg.model.dtype,
+            compute_dtype=cfg.model.compute_dtype or None,
+            quantize=cfg.model.quantize or None,
+            quantize_skip=tuple(cfg.model.quantize_skip),
+            block_size=cfg.model.quant_block_size,
+            double_quant=cfg.model.double_quant,
+            **overrides,
         )
     config = LlamaConfig(
         **cfg.model.new.to_dict(),  # the architecture fields are LlamaConfig's own names
@@ -403,8 +412,9 @@ def _check_resume(cfg, workdir: Path) -> None:
     file = workdir / "config.json"
     new = json.loads(to_json(cfg))
     if file.is_file() and (workdir / "ckpt").is_dir():
-        old = json.loads(file.read_text())
-        changed = sorted(k for k in _flat(new) if _flat(new).get(k) != _flat(old).get(k))
+        # A key the saved config lacks (added to the schema since) counts as its default.
+        old = {**_flat(json.loads(to_json(default_config()))), **_flat(json.loads(file.read_text()))}
+        changed = sorted(k for k in _flat(new) if _flat(new).get(k) != old.get(k))
         fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME)]
         if fixed:
             raise TrainingError(
