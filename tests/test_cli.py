@@ -41,6 +41,28 @@ def test_generate_prints_the_continuations(hf_model_dir, tmp_path, capsys):
     assert len(lines) == 2 and lines[0].startswith("hello world") and lines[1].startswith("world")
 
 
+def test_generate_with_an_adapter_matches_python(hf_model_dir, tmp_path, capsys):
+    """`jft generate --adapter` puts a saved adapter on the base, as peft.load_adapter does."""
+    import jax
+    import numpy as np
+
+    folder = tmp_path / "m"
+    shutil.copytree(hf_model_dir("llama_gqa"), folder)
+    model, params = jft.load_hf(folder)
+    tokenizer = tiny_tokenizer()
+    jft.save_hf(model, params, folder, tokenizer=tokenizer)
+    pmodel, pparams = jft.peft.inject(model, params, jft.peft.Peft(prefix=jft.peft.Prefix(4)), jax.random.key(0))
+    pparams["model"]["prefix"]["embedding"] = 50 * pparams["model"]["prefix"]["embedding"]
+    jft.peft.save_adapter(pmodel, pparams, tmp_path / "adapter")
+    args = ["generate", "--model", str(folder), "--prompt", "hello world", "--max-new-tokens", "5"]
+    assert main([*args, "--adapter", str(tmp_path / "adapter")]) == 0
+    printed = capsys.readouterr().out.strip()
+    ids = np.asarray(tokenizer(["hello world"])["input_ids"])
+    expect = jft.generate(pmodel, pparams, ids, 5)
+    assert not np.array_equal(expect, jft.generate(model, params, ids, 5))  # the adapter matters
+    assert printed == "hello world" + tokenizer.decode(np.asarray(expect)[0], skip_special_tokens=True)
+
+
 def test_generate_without_tokenizer_says_so(hf_model_dir, capsys):
     assert main(["generate", "--model", str(hf_model_dir("llama_gqa")), "--prompt", "hi"]) == 2
     assert "has no tokenizer files" in capsys.readouterr().err

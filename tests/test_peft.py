@@ -72,8 +72,8 @@ def test_zero_initialised_methods_reproduce_the_base(base, name):
     np.testing.assert_allclose(
         model2.apply({"params": params2}, x), model.apply({"params": params}, x), atol=2e-6, rtol=0
     )
-    for path, leaf in partition._walk(params):  # the base leaves are the same arrays
-        assert partition._get(params2, path) is leaf
+    for path, leaf in partition.walk(params):  # the base leaves are the same arrays
+        assert partition.get_path(params2, path) is leaf
 
 
 def make_batch(rows=4, seed=0):

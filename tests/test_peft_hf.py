@@ -100,16 +100,16 @@ def perturbed(params, spec, seed=1):
     adapter = jpeft.adapter_of(params, spec)
     rng = np.random.RandomState(seed)
     out = partition.merge(params, {})
-    for path, leaf in partition._walk(adapter):
+    for path, leaf in partition.walk(adapter):
         noise = rng.standard_normal(leaf.shape).astype(np.float32)
         scale = 0.3 if path[-1] in ("ia3", "lora_magnitude") else 0.1
         value = leaf * (1 + scale * noise) if path[-1] in ("ia3", "lora_magnitude") else leaf + scale * noise
-        partition._set(out, path, jnp.asarray(value, leaf.dtype))
+        partition.set_path(out, path, jnp.asarray(value, leaf.dtype))
     return out
 
 
 def n_params(tree):
-    return sum(int(np.prod(np.shape(x))) for _, x in partition._walk(tree))
+    return sum(int(np.prod(np.shape(x))) for _, x in partition.walk(tree))
 
 
 def check_jft_to_peft(folder, model, params, spec, out, label):

@@ -70,19 +70,19 @@ def inject(model: Any, params: Mapping, spec: Peft, rng: jax.Array) -> tuple[Any
     """
     new_model = build(model, spec)
     shapes = new_model.param_shapes()
-    new_paths = [p for p, _ in partition._walk(shapes) if not partition._has(params, p)]
-    for path, _ in partition._walk(params):
-        if not partition._has(shapes, path):
+    new_paths = [p for p, _ in partition.walk(shapes) if not partition.has_path(params, p)]
+    for path, _ in partition.walk(params):
+        if not partition.has_path(shapes, path):
             raise ValueError(f"parameter {'/'.join(path)!r} is not part of the model with {spec}")
 
     def fresh(rng):
         init = new_model.init_params(rng)
-        return {"/".join(p): partition._get(init, p) for p in new_paths}
+        return {"/".join(p): partition.get_path(init, p) for p in new_paths}
 
     new = jax.jit(fresh)(rng)
     out = partition.merge(params, {})
     for path in new_paths:
-        partition._set(out, path, new["/".join(path)])
+        partition.set_path(out, path, new["/".join(path)])
     spec = new_model.peft
     for name in LINEARS:
         layer = spec.linear(name)
@@ -141,15 +141,15 @@ def attach(base_model: Any, base_params: Mapping, spec: Peft, adapter: Mapping) 
     model = build(base_model, spec)
     shapes = model.param_shapes()
     params = partition.merge(base_params, {})
-    for path, leaf in partition._walk(adapter):
+    for path, leaf in partition.walk(adapter):
         name = "/".join(path)
-        if not partition._has(shapes, path):
+        if not partition.has_path(shapes, path):
             raise ValueError(f"adapter leaf {name!r} is not part of the model with {model.peft}")
-        want = partition._get(shapes, path).shape
+        want = partition.get_path(shapes, path).shape
         if tuple(np.shape(leaf)) != tuple(want):
             raise ValueError(f"adapter leaf {name!r} has shape {tuple(np.shape(leaf))}; the model expects {want}")
-        partition._set(params, path, leaf)
-    missing = [p for p, _ in partition._walk(shapes) if not partition._has(params, p)]
+        partition.set_path(params, path, leaf)
+    missing = [p for p, _ in partition.walk(shapes) if not partition.has_path(params, p)]
     if missing:
         raise ValueError(f"the adapter lacks {['/'.join(p) for p in missing][:5]} (and the base has no such leaves)")
     return model, params

@@ -386,7 +386,7 @@ def _expected_linear(model, shapes: Mapping, num_layers: int) -> dict[str, tuple
         for i, key in enumerate(_module_keys(name, num_layers)):
             for suffix, leaf, transpose in leaves:
                 path = (*base, leaf)
-                shape = partition._get(shapes, path).shape
+                shape = partition.get_path(shapes, path).shape
                 shape = shape if name == "lm_head" else shape[1:]
                 if transpose:
                     shape = shape[::-1]
@@ -414,13 +414,13 @@ def _read_linear(model, shapes: Mapping, stored: dict[str, np.ndarray], file: st
                 f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}; the base model with {model.peft} "
                 f"expects {shape}"
             )
-        spec = partition._get(shapes, path)
+        spec = partition.get_path(shapes, path)
         if path not in bufs:
             bufs[path] = np.empty(spec.shape, spec.dtype)
         value = tensor.T if path[-1] in ("lora_a", "lora_b") else tensor.reshape(-1)
         bufs[path][... if layer is None else layer] = value
     for path, buf in bufs.items():
-        partition._set(adapter, path, buf)
+        partition.set_path(adapter, path, buf)
     return adapter
 
 
@@ -434,7 +434,7 @@ def _read_table(model, shapes: Mapping, stored: dict[str, np.ndarray], file: str
         )
     if "prompt_embeddings" not in stored:
         raise CheckpointError(f"{file}: tensor 'prompt_embeddings' is missing")
-    want = partition._get(shapes, path)
+    want = partition.get_path(shapes, path)
     tensor = stored["prompt_embeddings"]
     if tuple(tensor.shape) != tuple(want.shape):
         raise CheckpointError(
@@ -442,7 +442,7 @@ def _read_table(model, shapes: Mapping, stored: dict[str, np.ndarray], file: str
             f"{spec} expects {tuple(want.shape)}"
         )
     adapter: dict = {}
-    partition._set(adapter, path, tensor.astype(want.dtype))
+    partition.set_path(adapter, path, tensor.astype(want.dtype))
     return adapter
 
 
@@ -465,7 +465,7 @@ def _check_base_copies(stored: dict[str, np.ndarray], params: Mapping, cfg, file
         tensor = stored.pop(key)
         if path[0] == "lm_head" and cfg.tie_word_embeddings:
             path, transpose = ("model", "embed_tokens", "embedding"), False
-        base = np.asarray(jax.device_get(partition._get(params, path)))
+        base = np.asarray(jax.device_get(partition.get_path(params, path)))
         base = base.T if transpose else base
         same = base.shape == tensor.shape and np.allclose(
             base.astype(np.float32), tensor.astype(np.float32), rtol=1e-2, atol=1e-6

@@ -28,7 +28,7 @@ def save_native(model: Any, params: Mapping, out_dir: str | os.PathLike) -> Path
     """Write the adapter of ``model.peft`` in jft's format; returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"/".join(p): np.asarray(x) for p, x in partition._walk(adapter_of(params, model.peft))}
+    tensors = {"/".join(p): np.asarray(x) for p, x in partition.walk(adapter_of(params, model.peft))}
     _atomic(out / WEIGHTS, lambda f: safetensors.numpy.save_file(tensors, f))
     meta = {"format": "jft-adapter", "version": 1, "peft": spec_to_dict(model.peft)}
     _atomic(out / CONFIG, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
@@ -48,7 +48,7 @@ def load_native(model: Any, params: Mapping, adapter_dir: str | os.PathLike) -> 
         raise CheckpointError(f"{folder / CONFIG}: not a valid jft adapter config ({e})") from None
     tree: dict = {}
     for key, value in safetensors.numpy.load_file(folder / WEIGHTS).items():
-        partition._set(tree, tuple(key.split("/")), value)
+        partition.set_path(tree, tuple(key.split("/")), value)
     try:
         return attach(model, params, spec, tree)
     except ValueError as e:

@@ -100,7 +100,7 @@ def labels(params: Mapping, rules: Rules, num_layers: int | None = None) -> dict
         return bool(per_layer[0]) if per_layer.all() or not per_layer.any() else per_layer
 
     if num_layers is None:
-        num_layers = next((_shape(x)[0] for p, x in _walk(params) if _is_stacked(p) and _shape(x)), 0)
+        num_layers = next((_shape(x)[0] for p, x in walk(params) if _is_stacked(p) and _shape(x)), 0)
     return _map(label, params)
 
 
@@ -111,8 +111,8 @@ def split(params: Mapping, labels: Mapping) -> tuple[dict, dict]:
     left are dropped, so e.g. ``frozen`` is ``{}`` under full fine-tuning.
     """
     trainable, frozen = {}, {}
-    for path, leaf in _walk(params):
-        _set(trainable if np.any(_get(labels, path)) else frozen, path, leaf)
+    for path, leaf in walk(params):
+        set_path(trainable if np.any(get_path(labels, path)) else frozen, path, leaf)
     return trainable, frozen
 
 
@@ -120,10 +120,10 @@ def merge(trainable: Mapping, frozen: Mapping) -> dict:
     """The full params tree from its two halves. Raises ValueError if a leaf is in both."""
     params: dict = {}
     for tree in (trainable, frozen):
-        for path, leaf in _walk(tree):
-            if _has(params, path):
+        for path, leaf in walk(tree):
+            if has_path(params, path):
                 raise ValueError(f"parameter {'/'.join(path)!r} is in both the trainable and the frozen tree")
-            _set(params, path, leaf)
+            set_path(params, path, leaf)
     return params
 
 
@@ -135,7 +135,7 @@ def layer_masks(trainable: Mapping, labels: Mapping) -> dict:
     """
 
     def mask(path, leaf):
-        lab = _get(labels, path)
+        lab = get_path(labels, path)
         if isinstance(lab, np.ndarray) and lab.ndim and not lab.all():
             return lab.astype(np.float32).reshape((-1,) + (1,) * (len(_shape(leaf)) - 1))
         return None
@@ -161,10 +161,10 @@ def apply_layer_masks(tree: Any, masks: Any) -> Any:
 def summary(params: Mapping, labels: Mapping) -> str:
     """One line: trainable / total parameter counts and the trainable percentage."""
     total = trainable = 0
-    for path, leaf in _walk(params):
+    for path, leaf in walk(params):
         size = int(np.prod(_shape(leaf)))
         total += size
-        trainable += int(round(size * float(np.mean(_get(labels, path)))))
+        trainable += int(round(size * float(np.mean(get_path(labels, path)))))
     percent = 100.0 * trainable / max(total, 1)
     return f"trainable parameters: {trainable:,} / {total:,} ({percent:.2f}%)"
 
@@ -183,21 +183,24 @@ def _map(fn: Callable[[tuple[str, ...], Any], Any], tree: Any, prefix: tuple[str
     return fn(prefix, tree)
 
 
-def _walk(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+def walk(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """``(path, leaf)`` for every leaf of a nested dict (anything not a Mapping is a leaf)."""
     if isinstance(tree, Mapping):
         for k, v in tree.items():
-            yield from _walk(v, prefix + (str(k),))
+            yield from walk(v, prefix + (str(k),))
     else:
         yield prefix, tree
 
 
-def _get(tree, path):
+def get_path(tree, path):
+    """The value at ``path`` (a tuple of keys) of a nested dict."""
     for k in path:
         tree = tree[k]
     return tree
 
 
-def _has(tree, path):
+def has_path(tree, path) -> bool:
+    """Whether a nested dict has a value at ``path``."""
     for k in path:
         if not isinstance(tree, Mapping) or k not in tree:
             return False
@@ -205,7 +208,8 @@ def _has(tree, path):
     return True
 
 
-def _set(tree, path, value):
+def set_path(tree, path, value) -> None:
+    """Set ``tree[path[0]]...[path[-1]] = value``, creating dicts on the way."""
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
