@@ -42,6 +42,22 @@ def default_config() -> ConfigDict:
     c.model.new.num_key_value_heads = 2  # key/value heads (grouped-query attention)
     c.model.new.tie_word_embeddings = True  # share the input embedding and the lm_head
 
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # data-parallel size (-1 = the devices left over)
+    c.mesh.fsdp = 1  # FSDP size: params and optimizer state sharded over it, the batch too
+    c.mesh.tensor = 1  # tensor-parallel size: heads, MLP width and vocab split over it
+    # (logical axis, mesh axis or axes or None) for every logical axis of the params (jft.sharding).
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("vocab", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+    )
+
     c.tokenizer = ConfigDict()
     c.tokenizer.path = ""  # tokenizer folder; "" = model.path's tokenizer
     c.tokenizer.train_on_data = False  # build a small BPE tokenizer from the training data (new models)

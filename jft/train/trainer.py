@@ -20,7 +20,7 @@ import numpy as np
 
 from jft import data as jdata
 from jft import evaluate as jeval
-from jft import peft
+from jft import peft, sharding
 from jft.config import ConfigDict, ConfigError, check, default_config, to_json
 from jft.hf import load_hf, load_tokenizer, save_hf
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
@@ -105,6 +105,17 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         min_lr_ratio=o.min_lr_ratio,
         masks=masks,
     )
+    # ------------------------------------------------------------------ Shard (one device = a 1x1x1 mesh)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.train.batch_size // cfg.train.grad_accum) % rows_split:
+        raise ConfigError(
+            f"micro-batch of {cfg.train.batch_size // cfg.train.grad_accum} rows does not split over "
+            f"data x fsdp = {rows_split} devices; make train.batch_size / grad_accum a multiple of it"
+        )
+    params = jax.device_put(params, sharding.param_shardings(model, mesh, rules, params))
+    batch_sharding = sharding.batch_sharding(mesh, rules)
     state = TrainState.create(params, labels, tx, jax.random.key(cfg.train.seed))
     del params  # the first step donates (and so deletes) these buffers
 
@@ -150,6 +161,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     try:
         while int(state.step) < total_steps:
             batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in next(batches).items()}
+            batch = jax.device_put(batch, batch_sharding)
             state, metrics = train_step(state, batch)
             step = int(state.step)
             pending.append((step, metrics))

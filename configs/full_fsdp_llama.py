@@ -1,0 +1,27 @@
+"""Full fine-tuning with params and optimizer state sharded (FSDP) over all devices.
+
+    jft train --config configs/full_fsdp_llama.py --workdir runs/fsdp \
+        --config.model.path=/path/to/Llama-3.1-8B --config.data.train=/path/to/train.jsonl
+
+Each device holds about 1/N of every matrix and of its AdamW state; the batch's rows are
+split over the same devices. Add tensor parallelism with --config.mesh.tensor=2 (heads, MLP
+width and vocab split in two; mesh.fsdp=-1 then takes the remaining devices).
+"""
+
+from jft.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.path = ""  # required: a Hugging Face model folder
+    c.model.dtype = "bfloat16"  # parameters (and optimizer state) in bf16
+    c.model.compute_dtype = "bfloat16"
+    c.data.train = ""  # required: training records
+    c.data.seq_len = 2048
+    c.train.batch_size = 32  # rows per step, split over data x fsdp devices
+    c.train.epochs = 2
+    c.mesh.data = 1  # no pure data parallelism: every device is an FSDP shard
+    c.mesh.fsdp = -1  # all devices
+    c.mesh.tensor = 1
+    c.optim.learning_rate = 1e-5
+    return c
