@@ -78,6 +78,8 @@ def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES, params=None) -> dict
         if params is not None and isinstance(_at(params, path), QuantizedWeight):
             return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), _at(params, path))
         name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if len(spec) != len(shape.shape):  # created without logical axes (Compacter's PHM factors): replicated
+            spec = (None,) * len(shape.shape)
         mesh_axes = []
         for dim, logical in zip(shape.shape, spec, strict=True):
             if logical is None:

@@ -52,3 +52,19 @@ def test_fit_on_a_mesh_then_resume_on_one_device(tmp_path):
     resumed = [fit(tiny_config(data, train__max_steps=6, train__batch_size=8), tmp_path / d) for d in ("mesh", "one")]
     assert resumed[0]["steps"] == resumed[1]["steps"] == 6
     assert abs(resumed[0]["after"]["loss"] - resumed[1]["after"]["loss"]) < 1e-3
+
+
+def test_every_peft_method_has_shardings():
+    """Leaves created without logical axes (Compacter's PHM factors) are replicated, not an error."""
+    import jax
+    from test_peft import CFG, METHODS
+
+    import jft
+    from jft import peft, sharding
+
+    mesh = sharding.make_mesh()
+    base = jft.LlamaForCausalLM(CFG)
+    for name, spec in METHODS.items():
+        model = peft.build(base, spec)
+        shardings = sharding.param_shardings(model, mesh)
+        assert jax.tree.structure(shardings) == jax.tree.structure(model.param_shapes()), name
