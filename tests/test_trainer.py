@@ -301,7 +301,7 @@ def test_lora_config_exports_a_peft_adapter_and_the_merged_model(hf_base, tmp_pa
     assert conf["peft_type"] == "LORA" and conf["r"] == 2
     # Checkpoints hold the adapter and its optimizer state, not the frozen base.
     ckpt_bytes = sum(f.stat().st_size for f in (run / "ckpt").rglob("*") if f.is_file())
-    assert ckpt_bytes < 0.5 * (folder / "model.safetensors").stat().st_size
+    assert ckpt_bytes < (folder / "model.safetensors").stat().st_size  # the frozen base alone would be more
     # The merged export and base + adapter give the same logits; training moved them.
     base_model, base_params = jft.load_hf(folder)
     model, params = jft.peft.load_adapter(base_model, base_params, run / "adapter")
