@@ -14,6 +14,8 @@ from pathlib import Path
 
 import ml_collections
 
+from jft.sharding import DEFAULT_RULES
+
 ConfigDict = ml_collections.ConfigDict
 
 
@@ -46,17 +48,9 @@ def default_config() -> ConfigDict:
     c.mesh.data = -1  # data-parallel size (-1 = the devices left over)
     c.mesh.fsdp = 1  # FSDP size: params and optimizer state sharded over it, the batch too
     c.mesh.tensor = 1  # tensor-parallel size: heads, MLP width and vocab split over it
-    # (logical axis, mesh axis or axes or None) for every logical axis of the params (jft.sharding).
-    c.mesh.rules = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("vocab", "tensor"),
-        ("head_dim", None),
-        ("layers", None),
-    )
+    # (logical axis, mesh axis or axes or None) for every logical axis of the params; the
+    # default shards FSDP over embed and tensor-parallel over heads/mlp/vocab (jft.sharding).
+    c.mesh.rules = DEFAULT_RULES
 
     c.tokenizer = ConfigDict()
     c.tokenizer.path = ""  # tokenizer folder; "" = model.path's tokenizer
