@@ -44,6 +44,11 @@ def _generate(args, overrides) -> int:
 
 
 def _train(args, overrides) -> int:
+    from jft.sharding import initialize_distributed
+
+    # Before anything else touches JAX: join the other hosts of a pod (found automatically on
+    # Cloud TPU VMs, SLURM and Kubernetes; --coordinator etc. elsewhere).
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from jft.config import load_config
     from jft.train import fit
 
@@ -91,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", required=True, help="a Python file with get_config(), e.g. configs/quickstart.py")
     train.add_argument("--workdir", required=True, help="where checkpoints, logs, reports and the model go")
+    train.add_argument("--coordinator", default=None, help="multi-host run off TPU VMs: host:port of process 0")
+    train.add_argument("--num-processes", type=int, default=None, help="multi-host run: number of processes")
+    train.add_argument("--process-id", type=int, default=None, help="multi-host run: this process's id (0 ...)")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="loss, perplexity and generation metrics of a model on a config's data")

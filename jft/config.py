@@ -80,6 +80,7 @@ def default_config() -> ConfigDict:
     c.train.log_every = 10  # steps between metric lines in the logs
     c.train.checkpoint_every = 100  # steps between checkpoints (0 = only at the end)
     c.train.keep_checkpoints = 2  # last checkpoints kept (the best one is kept apart)
+    c.train.checkpoint_dir = ""  # where ckpt/ and best/ go: "" = the workdir; a gs:// path on a pod (every host writes)
     c.train.patience = 0  # evaluations without improvement before stopping early (0 = never)
     c.train.min_delta = 0.0  # improvement in validation loss that resets the patience
     # Ordered (regex, "trainable" | "frozen") rules over param paths, first match wins;

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jft import quant as jft_quant
+from jft import sharding as jft_sharding
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.models.peft_spec import LAYER_LINEARS
 from jft.quant import QuantizedWeight, dequantize
@@ -193,6 +194,12 @@ def _flat(tree: dict, prefix: tuple[str, ...] = ()):
             yield (*prefix, key), value
 
 
+def _at(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -281,6 +288,8 @@ def load_hf(
     quantize_skip: tuple[str, ...] = ("lm_head",),
     block_size: int = 64,
     double_quant: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=jft_sharding.DEFAULT_RULES,
     **config_overrides,
 ) -> tuple[LlamaForCausalLM, dict]:
     """Load a Hugging Face model folder (or hub id) into ``(model, params)``.
@@ -295,6 +304,8 @@ def load_hf(
       quantize_skip: linear modules kept in ``dtype`` (names as in ``jft.peft.LINEARS``, short
         names match too); embeddings and norms are never quantized.
       block_size, double_quant: see :func:`jft.quant.quantize`.
+      mesh, rules: place every param on its shards (:func:`jft.sharding.param_shardings`) as it
+        is read, so no device ever holds the whole model; default: the default device.
       config_overrides: any other :class:`LlamaConfig` field, e.g. ``remat="none"``.
 
     Tensors are converted one parameter at a time (a layer stack is filled layer by layer),
@@ -306,6 +317,7 @@ def load_hf(
     cfg = read_config(folder, param_dtype=dtype, dtype=compute_dtype, **config_overrides)
     model = LlamaForCausalLM(cfg)
     quantized = _quantized_modules(quantize, quantize_skip)
+    shardings = None if mesh is None else jft_sharding.param_shardings(model, mesh, rules)
     files = _weight_map(folder)
     used = set()
     params: dict = {}
@@ -333,14 +345,17 @@ def load_hf(
                         f"{tuple(stored)}; check that config.json belongs to these weights"
                     )
                 used.add(name)
-                if quantized_kernel:  # on the device, so only this matrix is ever in full precision
+                if quantized_kernel:  # only this matrix is ever in full precision
                     w = jnp.asarray(tensor.T, _DTYPES[cfg.param_dtype])
-                    buf.append(jft_quant.quantize(w, quantize, block_size, double_quant))
+                    buf.append(jax.device_get(jft_quant.quantize(w, quantize, block_size, double_quant)))
                     continue
                 buf[i if stacked else ...] = tensor.T if path_[-1] == "kernel" else tensor
+            where = None if shardings is None else _at(shardings, path_)
             if quantized_kernel:
-                return jax.tree.map(lambda *x: jnp.stack(x), *buf) if stacked else buf[0]
-            return jax.device_put(buf).block_until_ready()  # placed before buf is released
+                buf = jax.tree.map(lambda *x: np.stack(x), *buf) if stacked else buf[0]
+                if mesh is not None:
+                    where = jft_sharding.quantized_sharding(buf, mesh, rules, "/".join(path_))
+            return jax.block_until_ready(jax.device_put(buf, where))  # placed before buf is released
 
         for path_, spec in _flat(model.param_shapes()):
             _set(params, path_, read(path_, spec))

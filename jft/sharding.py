@@ -1,21 +1,26 @@
-"""Device meshes and logical-axis sharding rules.
+"""Device meshes, logical-axis sharding rules and multi-host plumbing.
 
 Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv_heads``,
 ``vocab``, ``layers``, ...); a short rules table maps them to the mesh axes ``data``,
-``fsdp`` and ``tensor``. One device is a 1x1x1 mesh, the same code.
+``fsdp`` and ``tensor``. One device is a 1x1x1 mesh, the same code; a pod is one mesh over
+the devices of all hosts, each host running the same program.
 
+    sharding.initialize_distributed()                            # no-op on one host
     mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=1)
     shardings = sharding.param_shardings(model, mesh)            # NamedSharding per param
-    params = jax.device_put(params, shardings)
+    params = model.init_params(rng, shardings)                   # created in place, never whole
+    batch = sharding.put_batch(host_batch, sharding.batch_sharding(mesh))
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jft.quant import QuantizedWeight
@@ -34,6 +39,28 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("layers", None),
 )
+
+
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Join the other hosts of a multi-host run (``jax.distributed.initialize``); True if joined.
+
+    On a Cloud TPU VM pod (and on SLURM, Open MPI or Kubernetes clusters) JAX finds the
+    coordinator itself; elsewhere pass ``coordinator`` ("host:port"), ``num_processes`` and
+    ``process_id`` (every process the same coordinator, its own id). On a single host with
+    nothing to join this does nothing. Call it before any other JAX call (``jft train`` does);
+    without a ``coordinator``, a process that has already used JAX stays on its own.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (ValueError, RuntimeError) as e:  # no cluster found, or JAX already in use
+        if coordinator is None and ("coordinator_address" in str(e) or "must be called before" in str(e)):
+            return False
+        raise
+    return True
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -65,19 +92,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
 def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES, params=None) -> dict:
     """``NamedSharding`` of every parameter of ``model`` (from its logical axes and ``rules``).
 
-    With ``params``, 4-bit kernels (:class:`jft.quant.QuantizedWeight`) in it are replicated
-    (their codes have no logical axes yet). Raises ValueError, before anything is compiled,
-    when a logical axis has no rule or a dimension is not divisible by the number of shards it
-    is split into (naming the param, the axis and the sizes).
+    With ``params``, the 4-bit kernels (:class:`jft.quant.QuantizedWeight`) in it get
+    :func:`quantized_sharding`. Raises ValueError, before anything is compiled, when a logical
+    axis has no rule or a dimension is not divisible by the number of shards it is split into
+    (naming the param, the axis and the sizes).
     """
     axes = model.logical_axes()
     shapes = model.param_shapes()
     table = dict(rules)
 
     def one(path, spec, shape):
-        if params is not None and isinstance(_at(params, path), QuantizedWeight):
-            return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), _at(params, path))
         name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if params is not None and isinstance(_at(params, path), QuantizedWeight):
+            return quantized_sharding(_at(params, path), mesh, rules, name)
         if len(spec) != len(shape.shape):  # created without logical axes (Compacter's PHM factors): replicated
             spec = (None,) * len(shape.shape)
         mesh_axes = []
@@ -100,13 +127,102 @@ def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES, params=None) -> dict
     return jax.tree_util.tree_map_with_path(one, axes, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def quantized_sharding(q: QuantizedWeight, mesh: Mesh, rules=DEFAULT_RULES, name: str = "kernel"):
+    """Shardings of a 4-bit kernel's arrays: the flattened value axis of its codes and block
+    scales split over the mesh axes of the ``embed`` rule (FSDP), like the embedding width of a
+    full-precision kernel; the per-group and per-matrix double-quantization scales replicated.
+    Tensor parallelism does not split 4-bit kernels (blocks run across the ``[out, in]`` rows).
+    """
+    target = dict(rules).get("embed")
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    for array in (q.codes, q.scales):
+        if array.shape[-1] % n:
+            raise ValueError(
+                f"4-bit param {name!r}: {array.shape[-1]} codes/scales per matrix do not divide into {n} shards "
+                f"(mesh axis {target!r}); change the mesh or model.quant_block_size"
+            )
+    split = NamedSharding(mesh, PartitionSpec(*([None] * (q.codes.ndim - 1)), target if n > 1 else None))
+    whole = NamedSharding(mesh, PartitionSpec())
+    return q.replace(
+        codes=split,
+        scales=split,
+        scale_scales=None if q.scale_scales is None else whole,
+        scale_offset=None if q.scale_offset is None else whole,
+    )
+
+
 def _at(tree, path):
     for k in path:
         tree = tree[getattr(k, "key", k)]
     return tree
 
 
-def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    """Sharding of train-step batch arrays ``[grad_accum, rows, length]``: rows split over the
-    mesh axes of the ``batch`` rule (``data`` and ``fsdp``)."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes((None, "batch", None), rules))
+def on_mesh(tree, mesh: Mesh):
+    """``tree`` with every array that is not yet sharded over ``mesh`` replicated over it (step
+    counters, rng keys, optimizer counts), so a whole train state lives on one mesh and a
+    checkpoint restores every leaf onto it."""
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), whole)  # from the host: valid on every process of a pod
+
+    return jax.tree.map(one, tree)
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, accum: bool = True) -> NamedSharding:
+    """Sharding of train-step batch arrays ``[grad_accum, rows, length]`` (eval batches
+    ``[rows, length]`` with ``accum=False``): rows split over the mesh axes of the ``batch`` rule
+    (``data`` and ``fsdp``)."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes((None,) * accum + ("batch", None), rules))
+
+
+def put_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """Global arrays from the host batch ``{name: numpy array}`` that every process holds (the
+    data order is seeded, so all hosts agree): each process contributes only the rows its own
+    devices hold (``jax.make_array_from_process_local_data``); one host contributes all."""
+
+    def one(x):
+        shape = x.shape
+        index = list(sharding.addressable_devices_indices_map(shape).values())
+        local = tuple(
+            slice(min(i[d].indices(n)[0] for i in index), max(i[d].indices(n)[1] for i in index))
+            for d, n in enumerate(shape)
+        )
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x[local]), shape)
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def to_host(tree):
+    """``tree`` with every array as a numpy array on every process (a collective on a pod: all
+    processes call it). For writing a sharded model from process 0."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), tree)
+
+
+@contextlib.contextmanager
+def scope(mesh: Mesh | None, rules=DEFAULT_RULES):
+    """Trace-time context in which :func:`constrain` applies its sharding constraints (the train
+    and eval steps trace the model inside it); outside one, :func:`constrain` does nothing."""
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """``x`` constrained to the sharding its logical ``axes`` map to under :func:`scope`, e.g. the
+    residual stream to ``("batch", None, None)`` so activations stay split over the batch (data
+    parallel) rather than over the FSDP-sharded weight axes."""
+    rules = nn.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, nn.logical_to_mesh_axes(axes, rules))

@@ -33,6 +33,7 @@ from jft.models.layers import (
     swiglu,
 )
 from jft.models.peft_spec import Peft
+from jft.sharding import constrain
 
 Array = jax.Array
 
@@ -161,6 +162,7 @@ class MLP(nn.Module):
 
         gate = proj("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
         hidden = swiglu(gate, proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
+        hidden = constrain(hidden, ("batch", None, "mlp"))
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
 
@@ -190,7 +192,7 @@ class DecoderLayer(nn.Module):
         h = MLP(cfg, self.peft, name="mlp")(norm("post_attention_layernorm")(x))
         if adapter is not None:
             h = Bottleneck(adapter, dt, pdt, name="mlp_adapter")(h, phm_rule)
-        return x + h, new_kv
+        return constrain(x + h, ("batch", None, None)), new_kv
 
 
 class Decoder(nn.Module):
@@ -250,7 +252,7 @@ class Decoder(nn.Module):
                 seen = 0 if first_call else cache.mask.sum(-1, keepdims=True) - peft.prompt_tokens
                 positions = jnp.maximum(seen + jnp.cumsum(valid, axis=-1) - 1, 0)
         positions = positions + peft.prompt_tokens + peft.prefix_tokens
-        x = self.embed_tokens(input_ids)
+        x = constrain(self.embed_tokens(input_ids), ("batch", None, None))
         if n_prompt:  # virtual tokens: positions 0..n-1, seen by every token of every segment
             x = jnp.concatenate([jnp.broadcast_to(self.prompt.astype(x.dtype), (b,) + self.prompt.shape), x], 1)
             positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt)), positions], 1)
@@ -348,11 +350,17 @@ class LlamaForCausalLM(nn.Module):
             logits = jnp.matmul(x, emb.T.astype(x.dtype), preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
+        logits = constrain(logits, ("batch", None, "vocab"))
         return logits if cache is None else (logits, new_cache)
 
-    def init_params(self, rng: Array) -> dict:
-        """Random parameters (plain arrays, no logical-axis boxes), normal(0.02) like HF."""
-        return nn.unbox(jax.jit(self.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+    def init_params(self, rng: Array, shardings: Any = None) -> dict:
+        """Random parameters (plain arrays, no logical-axis boxes), normal(0.02) like HF.
+
+        With ``shardings`` (:func:`jft.sharding.param_shardings`) each device creates only its
+        own shards: the whole model is never on one device. The values do not depend on them.
+        """
+        init = lambda rng: nn.unbox(self.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])  # noqa: E731
+        return jax.jit(init, out_shardings=shardings)(rng)
 
     def param_shapes(self) -> dict:
         """``jax.ShapeDtypeStruct`` of every parameter, computed without allocating any."""

@@ -2,24 +2,29 @@
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 save interrupted mid-write never replaces the last good checkpoint. Two managers: ``ckpt/``
-keeps the last few, ``best/`` keeps the one with the lowest validation loss.
+keeps the last few, ``best/`` keeps the one with the lowest validation loss. The root may be a
+local folder or a ``gs://`` path (Orbax writes there directly); on a pod every host writes its
+own shards of each array, in parallel, to the same root.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jft.train.state import TrainState
 
 
 class Checkpoints:
-    def __init__(self, workdir: Path, keep: int):
+    def __init__(self, root: str | os.PathLike, keep: int):
+        root = epath.Path(root).absolute()
         opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, enable_async_checkpointing=True)  # noqa: E731
-        self.last = ocp.CheckpointManager(Path(workdir).absolute() / "ckpt", options=opts(max(keep, 1)))
-        self.best = ocp.CheckpointManager(Path(workdir).absolute() / "best", options=opts(1))
+        self.directory = root / "ckpt"
+        self.last = ocp.CheckpointManager(self.directory, options=opts(max(keep, 1)))
+        self.best = ocp.CheckpointManager(root / "best", options=opts(1))
 
     @property
     def latest_step(self) -> int | None:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jft import sharding
 from jft.losses import weighted_cross_entropy
 from jft.train import partition
 from jft.train.state import TrainState
@@ -31,6 +32,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: Callable[[Any], jax.Array],
     masks: Any = None,
+    mesh: Any = None,
+    rules: Any = sharding.DEFAULT_RULES,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """``train_step(state, batch) -> (state, metrics)`` with gradient accumulation.
 
@@ -40,7 +43,9 @@ def make_train_step(
     big batch. Gradients are taken w.r.t. ``state.trainable`` only (frozen params are
     constants), accumulated in float32 and cast back to each leaf's dtype. ``masks``
     (:func:`partition.layer_masks`) zero the gradients of frozen layers of partially
-    trainable stacked leaves, so ``grad_norm`` measures what trains.
+    trainable stacked leaves, so ``grad_norm`` measures what trains. With a ``mesh`` the model is
+    traced in :func:`jft.sharding.scope` (activation sharding constraints from ``rules``); the
+    shardings of the state and batch passed in decide where everything else lives.
 
     Metrics (float32 scalars unless said): ``loss`` weighted mean CE of the batch,
     ``grad_norm`` global norm before clipping, ``lr`` at this step, ``tokens`` int32 count
@@ -49,13 +54,14 @@ def make_train_step(
     """
 
     def loss_sums(trainable, frozen, micro, rng):
-        logits = model.apply(
-            {"params": partition.merge(trainable, frozen)},
-            micro["input_ids"],
-            positions=micro["positions"],
-            segment_ids=micro["segment_ids"],
-            rngs={"dropout": rng},
-        )
+        with sharding.scope(mesh, rules):
+            logits = model.apply(
+                {"params": partition.merge(trainable, frozen)},
+                micro["input_ids"],
+                positions=micro["positions"],
+                segment_ids=micro["segment_ids"],
+                rngs={"dropout": rng},
+            )
         loss_sum, weight_sum = weighted_cross_entropy(logits, micro["targets"], micro["loss_weights"])
         return loss_sum, weight_sum
 
@@ -100,20 +106,23 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: Any) -> Callable[[Mapping, Batch], dict]:
+def make_eval_step(
+    model: Any, mesh: Any = None, rules: Any = sharding.DEFAULT_RULES
+) -> Callable[[Mapping, Batch], dict]:
     """``eval_step(params, batch) -> {loss_sum, weight_sum, tokens}`` over a ``[batch, seq_len]`` batch.
 
     Sums, so the caller adds them over batches: ``loss = loss_sum / weight_sum``,
-    ``perplexity = exp(loss)``.
+    ``perplexity = exp(loss)``. ``mesh`` and ``rules`` as in :func:`make_train_step`.
     """
 
     def eval_step(params: Mapping, batch: Batch) -> dict:
-        logits = model.apply(
-            {"params": params},
-            batch["input_ids"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-        )
+        with sharding.scope(mesh, rules):
+            logits = model.apply(
+                {"params": params},
+                batch["input_ids"],
+                positions=batch["positions"],
+                segment_ids=batch["segment_ids"],
+            )
         loss_sum, weight_sum = weighted_cross_entropy(logits, batch["targets"], batch["loss_weights"])
         tokens = jnp.sum(batch["loss_weights"] > 0, dtype=jnp.int32)
         return {"loss_sum": loss_sum, "weight_sum": weight_sum, "tokens": tokens}

@@ -1,9 +1,12 @@
 """``fit(config, workdir)``: the fine-tuning loop, from a config to a fine-tuned model.
 
 Sections: Config, Tokenizer, Data, Model, Optimizer, Step, Checkpoint, Loop, Export.
-Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/
-(Orbax), metrics.jsonl, tb/ (TensorBoard), loss.png, report.json and hf/ (the model).
-Running ``fit`` again on the same workdir resumes from the latest checkpoint.
+Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/ (Orbax;
+or under ``train.checkpoint_dir``, e.g. a gs:// bucket on a pod), metrics.jsonl, tb/
+(TensorBoard), loss.png, report.json and hf/ (the model).
+Running ``fit`` again on the same workdir resumes from the latest checkpoint. On a pod every
+host runs ``fit`` with the same config (after :func:`jft.sharding.initialize_distributed`);
+process 0 writes the logs and exports.
 """
 
 from __future__ import annotations
@@ -61,11 +64,22 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     train_pairs, val_pairs = _records(cfg)
     tokenizer = _tokenizer(cfg, workdir, train_pairs)
 
-    # ------------------------------------------------------------------ Model
-    model, params = _model(cfg, tokenizer)
+    # ------------------------------------------------------------------ Mesh (one device = a 1x1x1 mesh)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.train.batch_size // cfg.train.grad_accum) % rows_split:
+        raise ConfigError(
+            f"micro-batch of {cfg.train.batch_size // cfg.train.grad_accum} rows does not split over "
+            f"data x fsdp = {rows_split} devices; make train.batch_size / grad_accum a multiple of it"
+        )
+
+    # ------------------------------------------------------------------ Model (created or read onto its shards)
+    model, params = _model(cfg, tokenizer, mesh, rules)
     vocab = model.config.vocab_size
     if cfg.peft.methods:
         model, params = peft.inject(model, params, _peft_spec(cfg, tokenizer), jax.random.key(cfg.train.seed + 1))
+    params = jax.device_put(params, sharding.param_shardings(model, mesh, rules, params))  # new PEFT leaves
 
     # ------------------------------------------------------------------ Tokens, rows, batches
     template = jdata.TEMPLATES[cfg.data.template]
@@ -78,8 +92,9 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     _log(main, f"data: {train_stats} -> {len(train_rows)} rows of {cfg.data.seq_len}; validation: {val_stats}")
     # Only now, with config, data, tokenizer and model checked, does the run write anything.
     _check_resume(cfg, workdir)
-    if main and not (workdir / "tokenizer").is_dir():
-        tokenizer.save_pretrained(workdir / "tokenizer")
+    if main and not (workdir / "tokenizer").is_dir():  # renamed into place: never seen half-written
+        tokenizer.save_pretrained(workdir / ".tokenizer.tmp")
+        os.replace(workdir / ".tokenizer.tmp", workdir / "tokenizer")
 
     # ------------------------------------------------------------------ Partition + optimizer
     num_layers = model.config.num_hidden_layers
@@ -105,28 +120,19 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         min_lr_ratio=o.min_lr_ratio,
         masks=masks,
     )
-    # ------------------------------------------------------------------ Shard (one device = a 1x1x1 mesh)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = tuple(tuple(r) for r in cfg.mesh.rules)
-    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (cfg.train.batch_size // cfg.train.grad_accum) % rows_split:
-        raise ConfigError(
-            f"micro-batch of {cfg.train.batch_size // cfg.train.grad_accum} rows does not split over "
-            f"data x fsdp = {rows_split} devices; make train.batch_size / grad_accum a multiple of it"
-        )
-    params = jax.device_put(params, sharding.param_shardings(model, mesh, rules, params))
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    state = TrainState.create(params, labels, tx, jax.random.key(cfg.train.seed))
+    eval_sharding = sharding.batch_sharding(mesh, rules, accum=False)
+    state = sharding.on_mesh(TrainState.create(params, labels, tx, jax.random.key(cfg.train.seed)), mesh)
     del params  # the first step donates (and so deletes) these buffers
 
     # ------------------------------------------------------------------ Step
-    train_step = jax.jit(make_train_step(model, tx, schedule, masks), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model))
+    train_step = jax.jit(make_train_step(model, tx, schedule, masks, mesh, rules), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, mesh, rules))
     accum = cfg.train.grad_accum
 
     def validate(state) -> dict:
         params = partition.merge(state.trainable, state.frozen)
-        return evaluate_loss(eval_step, params, val_rows, cfg.train.batch_size)
+        return evaluate_loss(eval_step, params, val_rows, cfg.train.batch_size, eval_sharding)
 
     def generation_metrics(state) -> dict:
         if not cfg.eval.num_examples:
@@ -135,12 +141,12 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         return generation_report(model, params, tokenizer, val_pairs[: cfg.eval.num_examples], template, cfg.eval)
 
     # ------------------------------------------------------------------ Checkpoint
-    ckpts = Checkpoints(workdir, cfg.train.keep_checkpoints)
+    ckpts = Checkpoints(cfg.train.checkpoint_dir or workdir, cfg.train.keep_checkpoints)
     meta = {"best_loss": None, "bad_evals": 0, "before": None}
     if ckpts.latest_step is not None:
         state, meta = ckpts.restore(state)  # frozen params come from the model source, not the checkpoint
         batches.restore(meta["data"])
-        _log(main, f"resumed from step {int(state.step)} ({workdir / 'ckpt'})")
+        _log(main, f"resumed from step {int(state.step)} ({ckpts.directory})")
     else:
         before = validate(state)
         meta["before"] = {**before, **generation_metrics(state)}
@@ -161,7 +167,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     try:
         while int(state.step) < total_steps:
             batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in next(batches).items()}
-            batch = jax.device_put(batch, batch_sharding)
+            batch = sharding.put_batch(batch, batch_sharding)
             state, metrics = train_step(state, batch)
             step = int(state.step)
             pending.append((step, metrics))
@@ -169,7 +175,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
             evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
             checkpoint_now = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or preempted
             if flush or evaluate_now or checkpoint_now:
-                logged = _flush(pending, workdir, last_saved)
+                logged = _flush(pending, ckpts.directory, last_saved)
                 tokens += logged["tokens"]
                 rate = tokens / (time.perf_counter() - start)
                 writer.scalars(step, {**logged, "tokens_per_s": rate})
@@ -221,21 +227,28 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         "validation_data": str(val_stats),
         "workdir": str(workdir),
     }
-    if main:
-        export_model, params = model, partition.merge(state.trainable, state.frozen)
-        if cfg.peft.methods:
-            report["adapter"] = str(peft.save_adapter(model, params, workdir / "adapter"))
-            export_model, params = peft.merge(model, params)
-        if cfg.export.hf and export_model.peft.methods:
-            left = export_model.peft.methods
-            _log(main, f"no HF export: {left} do not fold into the weights; the adapter is in {report['adapter']}")
-        elif cfg.export.hf:
-            save_hf(export_model, params, workdir / "hf", dtype=cfg.export.dtype or None, tokenizer=tokenizer)
-            report["hf"] = str(workdir / "hf")
-        jeval.write_report(workdir / "report.json", report)
-        _plot(workdir)
+    params = sharding.to_host(partition.merge(state.trainable, state.frozen))  # all processes take part
+    if main:  # merging and writing run on the host CPU: an accelerator may not hold the whole model
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            _export(cfg, model, params, tokenizer, workdir, report)
     _log(main, f"after fine-tuning: {_fmt(after)}")
     return report
+
+
+def _export(cfg, model, params, tokenizer, workdir: Path, report: dict) -> None:
+    """workdir/adapter (PEFT), workdir/hf (the model, merged), report.json and loss.png."""
+    export_model = model
+    if cfg.peft.methods:
+        report["adapter"] = str(peft.save_adapter(model, params, workdir / "adapter"))
+        export_model, params = peft.merge(model, params)
+    if cfg.export.hf and export_model.peft.methods:
+        left = export_model.peft.methods
+        _log(True, f"no HF export: {left} do not fold into the weights; the adapter is in {report['adapter']}")
+    elif cfg.export.hf:
+        save_hf(export_model, params, workdir / "hf", dtype=cfg.export.dtype or None, tokenizer=tokenizer)
+        report["hf"] = str(workdir / "hf")
+    jeval.write_report(workdir / "report.json", report)
+    _plot(workdir)
 
 
 def evaluate(
@@ -270,14 +283,17 @@ def evaluate(
 # ---------------------------------------------------------------------------- pieces
 
 
-def evaluate_loss(eval_step, params, rows: list[dict], batch_size: int) -> dict:
-    """Weighted loss and perplexity over all ``rows`` (the last batch padded with empty rows)."""
+def evaluate_loss(eval_step, params, rows: list[dict], batch_size: int, batch_sharding=None) -> dict:
+    """Weighted loss and perplexity over all ``rows`` (the last batch padded with empty rows),
+    batches split over the mesh as ``batch_sharding`` says (:func:`jft.sharding.batch_sharding`)."""
     loss_sum = weight_sum = 0.0
     tokens = 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         chunk = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - len(chunk))
         batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+        if batch_sharding is not None:
+            batch = sharding.put_batch(batch, batch_sharding)
         m = jax.device_get(eval_step(params, batch))
         loss_sum += float(m["loss_sum"])
         weight_sum += float(m["weight_sum"])
@@ -349,7 +365,7 @@ def _tokenizer(cfg, workdir: Path, train_pairs):
     return tokenizer
 
 
-def _model(cfg, tokenizer):
+def _model(cfg, tokenizer, mesh, rules):
     overrides = dict(remat=cfg.model.remat)
     if cfg.model.path:
         return load_hf(
@@ -360,6 +376,8 @@ def _model(cfg, tokenizer):
             quantize_skip=tuple(cfg.model.quantize_skip),
             block_size=cfg.model.quant_block_size,
             double_quant=cfg.model.double_quant,
+            mesh=mesh,
+            rules=rules,
             **overrides,
         )
     config = LlamaConfig(
@@ -373,7 +391,7 @@ def _model(cfg, tokenizer):
         **overrides,
     )
     model = LlamaForCausalLM(config)
-    return model, model.init_params(jax.random.key(cfg.train.seed))
+    return model, model.init_params(jax.random.key(cfg.train.seed), sharding.param_shardings(model, mesh, rules))
 
 
 def _peft_spec(cfg, tokenizer) -> peft.Peft:
@@ -449,12 +467,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _flush(pending: list, workdir: Path, last_saved) -> dict:
+def _flush(pending: list, ckpt_dir, last_saved) -> dict:
     """Fetch the metrics of the steps since the last flush; stop on a non-finite loss."""
     fetched = jax.device_get([m for _, m in pending])
     for (step, _), m in zip(pending, fetched, strict=True):
         if not math.isfinite(float(m["loss"])):
-            where = f"the checkpoint at step {last_saved} in {workdir / 'ckpt'}" if last_saved else "the start"
+            where = f"the checkpoint at step {last_saved} in {ckpt_dir}" if last_saved else "the start"
             raise TrainingError(
                 f"loss is {float(m['loss'])} at step {step}; resume from {where} with a lower learning rate"
             )
