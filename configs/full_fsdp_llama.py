@@ -5,7 +5,8 @@
 
 Each device holds about 1/N of every matrix and of its AdamW state; the batch's rows are
 split over the same devices. Add tensor parallelism with --config.mesh.tensor=2 (heads, MLP
-width and vocab split in two; mesh.fsdp=-1 then takes the remaining devices).
+width and vocab split in two; mesh.fsdp=-1 then takes the remaining devices). On a TPU pod,
+scripts/launch_tpu_pod.sh runs it on every host (see the README).
 """
 
 from jft.config import default_config
@@ -24,4 +25,5 @@ def get_config():
     c.mesh.fsdp = -1  # all devices
     c.mesh.tensor = 1
     c.optim.learning_rate = 1e-5
+    c.train.checkpoint_dir = ""  # on a pod: gs://BUCKET/RUN, where every host writes its shards
     return c

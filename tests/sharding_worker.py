@@ -136,15 +136,14 @@ def errors() -> dict:
     return out
 
 
-def fit(data_file: str, workdir: str, steps: str, data: str, fsdp: str) -> dict:
+def fit(data_file: str, workdir: str, steps: str, data: str, fsdp: str, checkpoint_dir: str = "") -> dict:
     """``jft.train.fit`` of test_trainer's tiny config on a data x fsdp mesh."""
     from test_trainer import tiny_config
 
     from jft.train import fit
 
-    cfg = tiny_config(
-        data_file, train__max_steps=int(steps), train__batch_size=8, mesh__data=int(data), mesh__fsdp=int(fsdp)
-    )
+    cfg = tiny_config(data_file, train__max_steps=int(steps), train__batch_size=8, train__checkpoint_dir=checkpoint_dir)
+    cfg.mesh.data, cfg.mesh.fsdp = int(data), int(fsdp)
     report = fit(cfg, workdir)
     return {"loss": report["after"]["loss"], "steps": report["steps"], "processes": jax.process_count()}
 

@@ -54,19 +54,34 @@ def test_bad_meshes_and_rules_fail_before_compiling():
 def test_fit_on_two_hosts_then_resume_on_another_mesh(tmp_path):
     """fit() for 4 steps as two processes x 4 devices (jax.distributed on localhost), as one
     process x 8 devices and on one device end at the same loss; the two-host run's checkpoint,
-    resumed to 6 steps on a data=1 x fsdp=8 mesh, matches the one-device run resumed to 6."""
+    resumed to 6 steps on a data=1 x fsdp=8 mesh, matches the one-device run resumed to 6.
+    The two-host run keeps its checkpoints apart from its workdir (train.checkpoint_dir, which
+    may be a gs:// path), where all processes write and the resumed run finds them."""
     from test_trainer import tiny_config, write_data
 
     from jft.train import fit
 
     data = write_data(tmp_path / "train.jsonl")
+    bucket = str(tmp_path / "bucket")
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = str(s.getsockname()[1])
     logs = [open(tmp_path / f"host{i}.log", "w+") for i in range(2)]  # noqa: SIM115 - pipes could fill and block
     hosts = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "multihost", str(i), port, str(data), str(tmp_path / "hosts"), "4", "2", "4"],
+            [
+                sys.executable,
+                str(WORKER),
+                "multihost",
+                str(i),
+                port,
+                str(data),
+                str(tmp_path / "hosts"),
+                "4",
+                "2",
+                "4",
+                bucket,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -88,7 +103,8 @@ def test_fit_on_two_hosts_then_resume_on_another_mesh(tmp_path):
     for loss in (two_hosts[0]["loss"], two_hosts[1]["loss"], eight["loss"]):
         assert abs(loss - one["after"]["loss"]) < 1e-3
     assert (tmp_path / "hosts" / "hf" / "model.safetensors").is_file()  # process 0 exported the gathered model
-    resumed = worker("fit", str(data), str(tmp_path / "hosts"), "6", "1", "8")
+    assert (tmp_path / "bucket" / "ckpt" / "4").is_dir() and not (tmp_path / "hosts" / "ckpt").exists()
+    resumed = worker("fit", str(data), str(tmp_path / "hosts"), "6", "1", "8", bucket)
     one = fit(tiny_config(data, train__max_steps=6, train__batch_size=8), tmp_path / "one")
     assert resumed["steps"] == one["steps"] == 6
     assert abs(resumed["loss"] - one["after"]["loss"]) < 1e-3
