@@ -73,6 +73,14 @@ def _eval(args, overrides) -> int:
     return 0
 
 
+def _merge(args, overrides) -> int:
+    from jft.merge import load_merge_config, merge_folders
+
+    out = merge_folders(load_merge_config(args.config), args.out, seed=args.seed, max_shard_size=args.max_shard_size)
+    print(f"merged model: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jft", description="Fine-tune decoder language models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -107,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="JSON report file to write")
     ev.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
     ev.set_defaults(func=_eval)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge Hugging Face models as a mergekit-style YAML says",
+        description="Merge models (linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, "
+        "breadcrumbs_ties, slerp, model_stock) or stack layer slices (passthrough), from a mergekit-style YAML.",
+    )
+    merge.add_argument("config", help="merge YAML: merge_method, base_model, models or slices, parameters, dtype")
+    merge.add_argument("--out", required=True, help="new folder for the merged model (must be empty)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*)")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB")
+    merge.set_defaults(func=_merge)
     return parser
 
 
@@ -117,18 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "generate":
+    if args.command in ("generate", "merge"):
         overrides = []
     if len(overrides) != len(rest):
         parser.error(f"unrecognized arguments: {' '.join(a for a in rest if a not in overrides)}")
     from jft.config import ConfigError
     from jft.data import DataError
     from jft.hf import CheckpointError
+    from jft.merge import MergeError
     from jft.train.trainer import TrainingError
 
     try:
         return args.func(args, overrides)
-    except (CheckpointError, ConfigError, DataError, TrainingError) as e:
+    except (CheckpointError, ConfigError, DataError, MergeError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,276 @@
+"""Model merging: side by side with mergekit on the same YAML, closed-form checks per method,
+layer stacking, merged folders loading in transformers, errors."""
+
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from conftest import build_hf_model
+from safetensors.numpy import load_file, save_file
+
+import jft
+from jft import merge
+from jft.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A 4-layer base and three 'fine-tuned' variants (base + noise), as HF folders."""
+    root = tmp_path_factory.mktemp("merge_models")
+    build_hf_model("llama", root / "base", num_hidden_layers=4)
+    base = load_file(root / "base" / "model.safetensors")
+    rs = np.random.RandomState(1)
+    for k in range(3):
+        shutil.copytree(root / "base", root / f"m{k}")
+        tuned = {n: (x + 0.05 * rs.randn(*x.shape)).astype(x.dtype) for n, x in base.items()}
+        save_file(tuned, str(root / f"m{k}" / "model.safetensors"), metadata={"format": "pt"})
+    return {name: str(root / name) for name in ("base", "m0", "m1", "m2")}
+
+
+def cases(m):
+    def each(params, n=3):
+        return [dict(model=m[f"m{k}"], parameters=params(k)) for k in range(n)]
+
+    gradient = [dict(filter="self_attn", value=0.3), dict(value=[0.1, 1.0])]  # filtered, then per-layer
+    return {
+        "linear": dict(models=each(lambda k: dict(weight=[0.3, [0.2, 0.9], 1.0][k]))),
+        "task_arithmetic": dict(
+            base_model=m["base"], models=each(lambda k: dict(weight=0.5 + 0.2 * k)), parameters={"lambda": 0.8}
+        ),
+        "ties": dict(base_model=m["base"], models=each(lambda k: dict(weight=[0.2, 1.0, 0.6][k], density=0.5))),
+        "ties_gradients_filters": dict(
+            base_model=m["base"],
+            models=each(lambda k: dict(weight=gradient, density=0.4)),
+            parameters=dict(normalize=False),
+        ),
+        "breadcrumbs": dict(base_model=m["base"], models=each(lambda k: dict(weight=0.5, density=0.6, gamma=0.05), 2)),
+        "breadcrumbs_ties": dict(
+            base_model=m["base"], models=each(lambda k: dict(weight=0.5, density=0.6, gamma=0.05))
+        ),
+        "slerp": dict(
+            base_model=m["base"],
+            models=[dict(model=m["base"]), dict(model=m["m0"])],
+            parameters=dict(t=[dict(filter="mlp", value=[0, 0.5, 1]), dict(value=0.3)]),
+        ),
+        "model_stock": dict(base_model=m["base"], models=each(lambda k: {})),
+        "passthrough": dict(
+            slices=[
+                dict(sources=[dict(model=m["base"], layer_range=[0, 3])]),
+                dict(sources=[dict(model=m["m0"], layer_range=[1, 4])]),
+            ]
+        ),
+        "ties_slices": dict(
+            base_model=m["base"],
+            slices=[
+                dict(
+                    sources=[
+                        dict(model=m["base"], layer_range=[0, 4]),
+                        dict(model=m["m0"], layer_range=[0, 4], parameters=dict(weight=1.0, density=0.5)),
+                        dict(model=m["m1"], layer_range=[0, 4], parameters=dict(weight=[1.0, 0.0], density=0.7)),
+                    ]
+                )
+            ],
+        ),
+    }
+
+
+CASES = list(cases({k: k for k in ("base", "m0", "m1", "m2")}))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_deterministic_method_matches_mergekit(models, tmp_path, name):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    method = name.split("_gradients")[0].replace("_slices", "")
+    config = dict(merge_method=method, dtype="float32", **cases(models)[name])
+    merge.merge_folders(config, tmp_path / "jft")
+    options = MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False)
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mergekit"), options)
+    ours, theirs = (
+        load_file(tmp_path / "jft" / "model.safetensors"),
+        load_file(tmp_path / "mergekit" / "model.safetensors"),
+    )
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-5, rtol=0, err_msg=key)
+    layers = 6 if method == "passthrough" else 4
+    assert jft.hf.read_config(tmp_path / "jft").num_hidden_layers == layers
+
+
+def test_linear_normalizes_by_the_sum_of_weights():
+    x, y = np.array([1.0, 2.0], np.float32), np.array([3.0, -2.0], np.float32)
+    np.testing.assert_allclose(merge.linear([x, y], [1.0, 3.0]), [2.5, -1.0])
+    np.testing.assert_allclose(merge.linear([x, y], [1.0, 3.0], normalize=False), [10.0, -4.0])
+
+
+def test_ties_trims_elects_signs_and_averages_the_agreeing_entries():
+    base = np.zeros(4, np.float32)
+    models = [np.array([3.0, -1.0, 0.5, 2.0], np.float32), np.array([-1.0, -2.0, 4.0, -3.0], np.float32)]
+    # density 0.75 keeps the three largest |d| of each: [3, -1, 0, 2] and [0, -2, 4, -3]. Signs
+    # elected from the sum [3, -3, 4, -1]: [+, -, +, -]. Agreeing entries, averaged over the
+    # weights of the models that agree: [3 / 1, (-1 - 2) / 2, 4 / 1, -3 / 1].
+    out = merge.task_arithmetic(
+        base, models, [1.0, 1.0], [0.75, 0.75], sparsification="magnitude", consensus="sum", normalize=True
+    )
+    np.testing.assert_allclose(out, [3.0, -1.5, 4.0, -3.0])
+    both = merge.task_arithmetic(
+        base, [np.ones(4, np.float32), 3 * np.ones(4, np.float32)], [1.0, 1.0], consensus="sum", normalize=True
+    )
+    np.testing.assert_allclose(both, [2.0] * 4)  # disjoint mean of agreeing entries
+
+
+def test_dare_is_unbiased_in_expectation_and_reproducible():
+    base = np.zeros(64, np.float32)
+    delta = np.random.RandomState(0).randn(64).astype(np.float32)
+    draws = [
+        merge.task_arithmetic(base, [delta], [1.0], [0.3], sparsification="random", rescale=True, rng=jax.random.key(s))
+        for s in range(400)
+    ]
+    kept = np.mean([np.mean(np.asarray(d) != 0) for d in draws])
+    assert abs(kept - 0.3) < 0.02
+    np.testing.assert_allclose(np.mean(draws, axis=0), delta, atol=0.35)  # E[rescaled mask * d] ~ d
+    assert abs(np.mean(draws) - np.mean(delta)) < 0.02
+    np.testing.assert_allclose(np.abs(draws[0]).sum(), np.abs(delta).sum(), rtol=1e-5)  # L1 rescale
+    again = merge.task_arithmetic(
+        base, [delta], [1.0], [0.3], sparsification="random", rescale=True, rng=jax.random.key(0)
+    )
+    np.testing.assert_array_equal(again, draws[0])
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest():
+    delta = np.arange(1, 11, dtype=np.float32)  # |d| = 1 .. 10
+    kept = merge.sparsify(delta, density=0.5, method="magnitude_outliers", gamma=0.2)
+    np.testing.assert_array_equal(kept, [0, 0, 0, 4, 5, 6, 7, 8, 0, 0])  # 2 largest and 3 smallest dropped
+
+
+def test_slerp_endpoints_midpoint_norm_and_colinear_fallback():
+    a, b = np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)
+    np.testing.assert_allclose(merge.slerp(0.0, a, b), a, atol=1e-6)
+    np.testing.assert_allclose(merge.slerp(1.0, a, b), b, atol=1e-6)
+    mid = np.asarray(merge.slerp(0.5, a, b))
+    np.testing.assert_allclose(np.linalg.norm(mid), 1.0, rtol=1e-6)  # on the arc, not the chord (0.707)
+    np.testing.assert_allclose(merge.slerp(0.25, a, 2 * a), 1.25 * a, rtol=1e-6)  # colinear: linear
+
+
+def test_model_stock_interpolates_by_the_angle_between_task_vectors():
+    base = np.zeros(2, np.float32)
+    same = merge.model_stock(base, [np.array([1.0, 1.0], np.float32), np.array([1.0, 1.0], np.float32)])
+    np.testing.assert_allclose(same, [1.0, 1.0], rtol=1e-6)  # cos 1: the average
+    ortho = merge.model_stock(base, [np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)])
+    np.testing.assert_allclose(ortho, [0.0, 0.0], atol=1e-7)  # cos 0: the base
+
+
+def test_merged_folders_load_in_transformers_and_jft(models, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = dict(merge_method="passthrough", slices=[dict(sources=[dict(model=models["m0"], layer_range=[0, 4])])])
+    config["slices"].append(dict(sources=[dict(model=models["m1"], layer_range=[2, 4])]))  # depth up-scaling
+    merge.merge_folders(config, tmp_path / "stack")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "stack").float().eval()
+    assert hf.config.num_hidden_layers == 6
+    model, params = jft.load_hf(tmp_path / "stack")
+    ids = np.array([[1, 5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        expected = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(model.apply({"params": params}, ids), expected, atol=1e-4)
+
+
+def test_identity_slices_reproduce_the_model(models, tmp_path):
+    halves = [dict(sources=[dict(model=models["m2"], layer_range=r)]) for r in ([0, 2], [2, 4])]
+    merge.merge_folders(dict(merge_method="passthrough", slices=halves), tmp_path / "same")
+    original, stacked = (
+        load_file(f"{models['m2']}/model.safetensors"),
+        load_file(tmp_path / "same" / "model.safetensors"),
+    )
+    assert set(original) == set(stacked)
+    for key in original:
+        np.testing.assert_array_equal(original[key], stacked[key])
+
+
+def test_merge_params_on_pytrees_equals_the_folder_merge(models, tmp_path):
+    weights = [dict(weight=0.7, density=0.5), dict(weight=0.4, density=0.6)]
+    config = dict(
+        merge_method="ties",
+        base_model=models["base"],
+        models=[dict(model=models[f"m{k}"], parameters=weights[k]) for k in range(2)],
+    )
+    merge.merge_folders(config, tmp_path / "ties")
+    model, base = jft.load_hf(models["base"])
+    trees = [jft.load_hf(models[f"m{k}"])[1] for k in range(2)]
+    merged = merge.merge_params("ties", base, trees, per_model=weights)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(jft.load_hf(tmp_path / "ties")[1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_dare_merges_are_seeded(models, tmp_path):
+    config = dict(
+        merge_method="dare_ties",
+        base_model=models["base"],
+        models=[dict(model=models[f"m{k}"], parameters=dict(weight=0.5, density=0.5)) for k in range(3)],
+    )
+    outs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        merge.merge_folders(config, tmp_path / name, seed=seed)
+        outs[name] = load_file(tmp_path / name / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight"
+    np.testing.assert_array_equal(outs["a"][key], outs["b"][key])
+    assert not np.array_equal(outs["a"][key], outs["c"][key])
+
+
+def test_jft_merge_command_writes_a_sharded_folder_with_the_tokenizer(models, tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{}")
+    shutil.copytree(models["base"], tmp_path / "base_tok")
+    shutil.copy(tmp_path / "tok" / "tokenizer_config.json", tmp_path / "base_tok")
+    config = dict(
+        merge_method="linear",
+        models=[
+            dict(model=str(tmp_path / "base_tok"), parameters=dict(weight=1.0)),
+            dict(model=models["m0"], parameters=dict(weight=1.0)),
+        ],
+        dtype="float32",
+        out_dtype="bfloat16",
+    )
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    assert cli(["merge", str(tmp_path / "merge.yaml"), "--out", str(tmp_path / "out"), "--max-shard-size", "40KB"]) == 0
+    out = tmp_path / "out"
+    assert (out / "tokenizer_config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    model, params = jft.load_hf(out)
+    assert model.config.param_dtype == "bfloat16"
+    assert cli(["merge", str(tmp_path / "merge.yaml"), "--out", str(out)]) == 2  # never overwrites
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_bad_configs_fail_with_clear_errors(models, tmp_path):
+    good = dict(
+        merge_method="ties", base_model=models["base"], models=[dict(model=models["m0"], parameters=dict(weight=1.0))]
+    )
+    bad = {
+        "unknown key(s) ['weights']": {**good, "weights": 1},
+        "merge_method 'magic' is not supported": {**good, "merge_method": "magic"},
+        "parameter 'weight' is missing for model": {**good, "models": [dict(model=models["m0"])]},
+        "give either models or slices": {"merge_method": "linear"},
+        "has 4 layers": dict(
+            merge_method="passthrough", slices=[dict(sources=[dict(model=models["m0"], layer_range=[2, 6])])]
+        ),
+        "is not among the sources": dict(
+            merge_method="ties",
+            base_model=models["base"],
+            slices=[dict(sources=[dict(model=models["m0"], layer_range=[0, 4], parameters=dict(weight=1.0))])],
+        ),
+        "unknown key(s) ['layers']": {**good, "models": [dict(model=models["m0"], layers=2)]},
+    }
+    for expected, config in bad.items():
+        with pytest.raises(merge.MergeError, match=re.escape(expected)):
+            merge.merge_folders(config, tmp_path / "never")
+    build_hf_model("llama", tmp_path / "wide", num_hidden_layers=4, hidden_size=32)
+    with pytest.raises(merge.MergeError, match="differs from .* in \\['hidden_size'\\]"):
+        merge.merge_folders(
+            {**good, "models": [dict(model=str(tmp_path / "wide"), parameters=dict(weight=1.0))]}, tmp_path / "x"
+        )
