@@ -274,3 +274,39 @@ def test_bad_configs_fail_with_clear_errors(models, tmp_path):
         merge.merge_folders(
             {**good, "models": [dict(model=str(tmp_path / "wide"), parameters=dict(weight=1.0))]}, tmp_path / "x"
         )
+
+
+@pytest.mark.parametrize(
+    "method,kw",
+    [("linear", {}), ("cat", {}), ("svd", {"rank": 3}), ("ties", {"density": 0.5}), ("ties_svd", {"density": 0.5})],
+)
+def test_combined_lora_adapters_match_peft_add_weighted_adapter(hf_model_dir, tmp_path, method, kw):
+    import peft as hf_peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = hf_model_dir("llama_gqa")
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj", "down_proj", "lm_head"]
+    hf = hf_peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(folder).float(),
+        hf_peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets),
+    )
+    hf.add_adapter("b", hf_peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules=targets))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "adapters")
+    combo = {"svd_rank": kw["rank"]} if "rank" in kw else {"density": kw["density"]} if "density" in kw else {}
+    hf.add_weighted_adapter(["default", "b"], [0.7, -0.4], "both", combination_type=method, **combo)
+    hf.set_adapter("both")
+    ids = np.random.RandomState(0).randint(3, 128, (2, 7))
+    with torch.no_grad():
+        expected = hf(torch.tensor(ids)).logits.numpy()
+
+    model, params = jft.load_hf(folder, dtype="float32", remat="none")
+    adapters = [jft.peft.load_adapter(model, params, tmp_path / "adapters" / sub) for sub in ("", "b")]
+    combined, merged = jft.peft.combine_lora(adapters, [0.7, -0.4], method, **kw)
+    assert combined.peft.lora.r == {"cat": 8, "svd": 3}.get(method, 4)
+    np.testing.assert_allclose(combined.apply({"params": merged}, ids), expected, atol=2e-4)

@@ -8,7 +8,7 @@ See :mod:`jft.models.peft_spec` for the methods and :mod:`jft.peft.core` for the
 """
 
 from jft.models.peft_spec import IA3, LINEARS, Adapter, BitFit, Lora, Peft, Prefix, Prompt
-from jft.peft.core import adapter_of, attach, build, inject, labels, merge, rules, trainable_summary
+from jft.peft.core import adapter_of, attach, build, combine_lora, inject, labels, merge, rules, trainable_summary
 from jft.peft.hf_format import load_adapter, save_adapter
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "adapter_of",
     "attach",
     "build",
+    "combine_lora",
     "inject",
     "labels",
     "load_adapter",

@@ -217,3 +217,107 @@ def _prompt_init(spec, embedding: jax.Array, rng: jax.Array) -> jax.Array:
         return embedding[jax.random.randint(jax.random.fold_in(rng, 1), (n,), 0, vocab)]
     std = jnp.std(embedding.astype(jnp.float32))
     return (std * jax.random.normal(jax.random.fold_in(rng, 1), (n, embedding.shape[1]))).astype(embedding.dtype)
+
+
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd")
+
+
+def combine_lora(
+    models: list[tuple[Any, Mapping]],
+    weights: list[float],
+    method: str = "svd",
+    rank: int | None = None,
+    density: float = 1.0,
+    majority_sign: str = "total",
+) -> tuple[Any, dict]:
+    """Several LoRA adapters of one base combined into one, as peft's ``add_weighted_adapter``.
+
+    ``models`` are ``(model, params)`` with LoRA on the same base weights and targets. The new
+    adapter has ``alpha = r`` (scale 1), with per module (``s_i`` each adapter's scale):
+
+    - ``linear``: ``A = sum_i sign_i sqrt|w_i s_i| A_i``, ``B = sum_i sqrt|w_i s_i| B_i`` (equal ranks);
+    - ``cat``: ``A = [w_i s_i A_i]``, ``B = [B_i]`` stacked along the rank (exactly ``sum w_i dW_i``);
+    - ``svd``: ``sum_i w_i dW_i`` truncated to ``rank`` (default: the largest rank) by SVD;
+    - ``ties``: TIES (magnitude pruning to ``density``, ``majority_sign`` "total" or "frequency",
+      mean of the agreeing entries) on the A and the B factors, weighted as ``linear``;
+    - ``ties_svd``: TIES on the ``w_i dW_i``, then SVD.
+
+    Returns ``(model, params)`` on the first model's base arrays.
+    """
+    if method not in COMBINATIONS:
+        raise ValueError(f"combination {method!r} is not supported; choose from {COMBINATIONS}")
+    specs = [m.peft for m, _ in models]
+    if any(s.lora is None or s.lora.dora or s.methods != ("lora",) for s in specs):
+        raise ValueError("combine_lora takes models whose only PEFT method is LoRA (not DoRA)")
+    targets = specs[0].lora.targets
+    if any(s.lora.targets != targets for s in specs):
+        raise ValueError(f"the adapters target different modules: {[s.lora.targets for s in specs]}")
+    ranks = [s.linear(t).r for s in specs for t in targets]
+    if method in ("linear", "ties") and len(set(ranks)) > 1:
+        raise ValueError(f"{method} needs adapters of one rank; got ranks {sorted(set(ranks))} (use cat or svd)")
+    new_rank = {"cat": sum(s.linear(targets[0]).r for s in specs), "svd": rank, "ties_svd": rank}.get(method)
+    new_rank = new_rank or max(ranks)
+    base_model, base = models[0]
+    out_params = partition.merge(base, {})
+    for name in targets:
+        scales = [s.linear(name).scale for s in specs]
+        a = [_module(p, name)["lora_a"].astype(jnp.float32) for _, p in models]
+        b = [_module(p, name)["lora_b"].astype(jnp.float32) for _, p in models]
+
+        def ties(xs, ws, name=name):  # per layer, as peft sees each layer's module
+            if name == "lm_head":
+                return _ties(xs, ws, density, majority_sign)
+            return jnp.stack([_ties([x[i] for x in xs], ws, density, majority_sign) for i in range(xs[0].shape[0])])
+
+        if method in ("linear", "ties", "cat"):
+            ws = [w * s for w, s in zip(weights, scales, strict=True)]
+            if method == "cat":
+                new_a = jnp.concatenate([w * x for w, x in zip(ws, a, strict=True)], axis=-1)
+                new_b = jnp.concatenate(b, axis=-2)
+            else:
+                wa = [float(np.sign(w) or 1.0) * np.sqrt(abs(w)) for w in ws]
+                wb = [np.sqrt(abs(w)) for w in ws]
+                if method == "ties":
+                    new_a, new_b = ties(a, wa), ties(b, wb)
+                else:
+                    new_a = sum(w * x for w, x in zip(wa, a, strict=True))
+                    new_b = sum(w * x for w, x in zip(wb, b, strict=True))
+        else:
+            deltas = [s * (x @ y) for s, x, y in zip(scales, a, b, strict=True)]  # [..., in, out]
+            if method == "svd":
+                delta = sum(w * d for w, d in zip(weights, deltas, strict=True))
+            else:
+                delta = ties(deltas, list(weights))
+            u, sv, vh = jnp.linalg.svd(jnp.swapaxes(delta, -1, -2), full_matrices=False)  # of [out, in], as peft
+            new_b = jnp.swapaxes(u[..., :new_rank] * sv[..., None, :new_rank], -1, -2)  # [r, out]
+            new_a = jnp.swapaxes(vh[..., :new_rank, :], -1, -2)  # [in, r]
+        dtype = _module(models[0][1], name)["lora_a"].dtype
+        mod = _module(out_params, name)
+        mod["lora_a"], mod["lora_b"] = new_a.astype(dtype), new_b.astype(dtype)
+    spec = dataclasses.replace(
+        specs[0],
+        lora=dataclasses.replace(
+            specs[0].lora, r=new_rank, alpha=float(new_rank), rank_pattern=(), alpha_pattern=(), rslora=False
+        ),
+    )
+    return type(base_model)(base_model.config, spec), out_params
+
+
+def _ties(tensors: list, weights: list[float], density: float, majority_sign: str) -> jax.Array:
+    """peft's TIES on a list of tensors: keep the ``int(density * n)`` largest |x| of each, elect
+    the sign (sum of values: ``total``; of signs: ``frequency``), weight, and average the
+    agreeing entries over how many agree."""
+    kept = []
+    for x in tensors:
+        if density < 1:
+            flat = jnp.abs(x).reshape(-1)
+            k = int(density * flat.size)
+            mask = jnp.zeros(flat.size, x.dtype).at[jnp.argsort(-flat, stable=True)[:k]].set(1)
+            x = x * mask.reshape(x.shape)
+        kept.append(x)
+    stacked = jnp.stack(kept)
+    sign = jnp.sign(stacked)
+    total = stacked.sum(0) if majority_sign == "total" else sign.sum(0)
+    agree = sign == jnp.where(total >= 0, 1.0, -1.0)  # elected before weighting, as peft does
+    weighted = stacked * jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * kept[0].ndim)
+    return (weighted * agree).sum(0) / jnp.maximum(agree.sum(0), 1.0)
