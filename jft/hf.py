@@ -27,10 +27,11 @@ from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.models.peft_spec import LAYER_LINEARS
 from jft.quant import QuantizedWeight, dequantize
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
@@ -76,6 +77,8 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> LlamaC
         raise CheckpointError(
             f"{source}: rope_type {rope_type!r} is not supported; jft supports 'default', 'linear', 'llama3'"
         )
+    if hf.get("router_jitter_noise"):
+        raise CheckpointError(f"{source}: router_jitter_noise is not supported; set it to 0")
     sliding, layer_types = hf.get("sliding_window"), hf.get("layer_types")
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         sliding, layer_types = None, None
@@ -102,6 +105,9 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> LlamaC
         mlp_bias=hf.get("mlp_bias", False) if model_type == "llama" else False,
         sliding_window=sliding,
         layer_types=tuple(layer_types) if layer_types else None,
+        num_local_experts=hf.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+        num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
         model_type=model_type,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
@@ -124,6 +130,8 @@ def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
     for field, ok in expressible.items():
         if getattr(cfg, field) and not ok:
             raise CheckpointError(f"{field}=True cannot be expressed by a {t!r} config.json; change model_type")
+    if (t == "mixtral") != bool(cfg.num_local_experts):
+        raise CheckpointError("experts (num_local_experts > 0) are written as, and only as, model_type 'mixtral'")
     if t == "qwen3" and not cfg.qk_norm:
         raise CheckpointError("a 'qwen3' config.json implies q/k norms, but qk_norm=False; change model_type")
     if t == "qwen2" and not cfg.qkv_bias:
@@ -157,16 +165,24 @@ def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
         hf["attention_bias"] = cfg.attention_bias
     if t == "llama":
         hf["mlp_bias"] = cfg.mlp_bias
-    if t == "mistral":
+    if t in ("mistral", "mixtral"):
         hf["sliding_window"] = cfg.sliding_window
         if cfg.layer_types and any(x != "sliding_attention" for x in cfg.layer_types):
-            raise CheckpointError("a 'mistral' config.json cannot express per-layer attention types")
+            raise CheckpointError(f"a {t!r} config.json cannot express per-layer attention types")
+    if t == "mixtral":
+        hf.update(
+            num_local_experts=cfg.num_local_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+        )
     if t in ("qwen2", "qwen3"):
         hf["use_sliding_window"] = cfg.sliding_window is not None
         hf["sliding_window"] = cfg.sliding_window
         hf["max_window_layers"] = cfg.num_hidden_layers
         hf["layer_types"] = list(cfg.layer_types or ("full_attention",) * cfg.num_hidden_layers)
-    elif cfg.sliding_window is not None and t != "mistral":
+    elif cfg.sliding_window is not None and t not in ("mistral", "mixtral"):
         raise CheckpointError(f"a {t!r} config.json cannot express sliding_window; use model_type 'mistral'")
     return hf
 
@@ -174,8 +190,9 @@ def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
 # ---------------------------------------------------------------------------- names
 
 
-def hf_names(path: tuple[str, ...], num_layers: int) -> list[str]:
-    """HF tensor names for one jft param path: one per layer for stacked (scanned) params."""
+def hf_names(path: tuple[str, ...], num_layers: int, num_experts: int = 0) -> list[str]:
+    """HF tensor names for one jft param path: one per layer for stacked (scanned) params, one per
+    layer and expert (layer-major) for stacked expert kernels (``.../experts/w1/kernel``)."""
     *modules, leaf = path
     if leaf not in _LEAF_TO_HF:
         raise CheckpointError(f"param {'/'.join(path)} has no Hugging Face name (unknown leaf {leaf!r})")
@@ -183,7 +200,15 @@ def hf_names(path: tuple[str, ...], num_layers: int) -> list[str]:
     if "layers" not in modules:
         return [".".join([*modules, tail])]
     i = modules.index("layers")
-    return [".".join([*modules[: i + 1], str(n), *modules[i + 1 :], tail]) for n in range(num_layers)]
+    names = [".".join([*modules[: i + 1], str(n), *modules[i + 1 :], tail]) for n in range(num_layers)]
+    if "experts" in modules:  # model.layers.3.block_sparse_moe.experts.5.w1.weight
+        names = [n.replace(".experts.", f".experts.{j}.") for n in names for j in range(num_experts)]
+    return names
+
+
+def _stacked_axes(path: tuple[str, ...]) -> int:
+    """Leading axes of a param that HF keeps as separate tensors: layers (and experts)."""
+    return ("layers" in path[:-1]) + ("experts" in path[:-1])
 
 
 def _flat(tree: dict, prefix: tuple[str, ...] = ()):
@@ -326,13 +351,15 @@ def load_hf(
 
         def read(path_, spec) -> jax.Array:
             """One param: its HF tensors (one per layer if stacked) checked and copied into place."""
-            stacked = "layers" in path_[:-1]
-            per_layer = spec.shape[1:] if stacked else spec.shape
+            lead = _stacked_axes(path_)
+            stacked = lead > 0
+            per_layer = spec.shape[lead:]
             stored = per_layer[::-1] if path_[-1] == "kernel" else per_layer  # HF keeps [out, in]
             module = ".".join(path_[-3:-1]) if stacked else path_[0]
             quantized_kernel = path_[-1] == "kernel" and module in quantized
             buf = [] if quantized_kernel else np.empty(spec.shape, _DTYPES[cfg.param_dtype])
-            for i, name in enumerate(hf_names(path_, cfg.num_hidden_layers)):
+            rows = buf if quantized_kernel else buf.reshape(-1, *per_layer)  # a view: one row per HF tensor
+            for i, name in enumerate(hf_names(path_, cfg.num_hidden_layers, cfg.num_local_experts)):
                 if name not in files:
                     raise CheckpointError(
                         f"{folder}: tensor {name!r} is missing from the checkpoint; "
@@ -349,7 +376,7 @@ def load_hf(
                     w = jnp.asarray(tensor.T, _DTYPES[cfg.param_dtype])
                     buf.append(jax.device_get(jft_quant.quantize(w, quantize, block_size, double_quant)))
                     continue
-                buf[i if stacked else ...] = tensor.T if path_[-1] == "kernel" else tensor
+                rows[i if stacked else 0] = tensor.T if path_[-1] == "kernel" else tensor
             where = None if shardings is None else _at(shardings, path_)
             if quantized_kernel:
                 buf = jax.tree.map(lambda *x: np.stack(x), *buf) if stacked else buf[0]
@@ -432,11 +459,12 @@ def save_hf(
     # Plan: (hf name, param path, layer or None, bytes), grouped into shards by size.
     plan = []
     for path_, leaf in leaves:
-        names = hf_names(path_, cfg.num_hidden_layers)
-        stacked = "layers" in path_[:-1]
+        names = hf_names(path_, cfg.num_hidden_layers, cfg.num_local_experts)
+        lead = _stacked_axes(path_)
+        stacked = lead > 0
         for i, name in enumerate(names):
             shape = getattr(leaf, "full_shape", leaf.shape)
-            nbytes = int(np.prod(shape[1:] if stacked else shape)) * np.dtype(np_dtype).itemsize
+            nbytes = int(np.prod(shape[lead:])) * np.dtype(np_dtype).itemsize
             plan.append((name, path_, i if stacked else None, nbytes))
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
@@ -454,8 +482,9 @@ def save_hf(
         tensors = {}
         for name, path_, layer, _ in shard:
             value = lookup[path_]
-            if layer is not None:
-                value = jax.tree.map(lambda x, i=layer: x[i], value)
+            if layer is not None:  # one layer (and expert) of a stack
+                lead = _stacked_axes(path_)
+                value = jax.tree.map(lambda x, i=layer, n=lead: x.reshape(-1, *x.shape[n:])[i], value)
             if isinstance(value, QuantizedWeight):  # a QLoRA base: written dequantized, one matrix at a time
                 value = dequantize(value, jnp.float32)
             array = np.asarray(jax.device_get(value)).astype(np_dtype)

@@ -37,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
+    ("experts", None),
     ("layers", None),
 )
 

@@ -37,6 +37,7 @@ VARIANTS = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", dict(head_dim=24)),
     "mistral_window": ("mistral", dict(sliding_window=5, head_dim=16)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import jft
 from jft.hf import CheckpointError, config_from_hf, hf_names
+from jft.models.llama import moe_aux_loss
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 12))
 
@@ -34,6 +35,17 @@ def test_logits_match_transformers(hf_model_dir, variant):
     np.testing.assert_allclose(jft_logits(model, params, IDS), hf_logits(folder, IDS), atol=1e-4, rtol=0)
 
 
+def test_mixtral_load_balancing_loss_matches_transformers(hf_model_dir):
+    folder = hf_model_dir("mixtral")
+    model, params = jft.load_hf(folder, dtype="float32")
+    _, state = model.apply({"params": params}, jnp.asarray(IDS), mutable=["intermediates"])
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor(IDS), output_router_logits=True).aux_loss.item()
+    aux = float(moe_aux_loss(state["intermediates"], model.config.num_local_experts))
+    assert abs(aux - expected) < 1e-5 and aux > 1.0  # 1.0 = perfectly balanced
+
+
 def test_sliding_window_is_exercised(hf_model_dir):
     """The Mistral test only means something if the window changes the logits at this length."""
     folder = hf_model_dir("mistral_window")
@@ -52,7 +64,7 @@ def test_padded_batch_matches_transformers(hf_model_dir):
     np.testing.assert_allclose(ours[1, 5:], ref[1, 5:], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama3_rope", "llama_tied", "qwen2", "qwen3", "mistral_window"])
+@pytest.mark.parametrize("variant", ["llama3_rope", "llama_tied", "qwen2", "qwen3", "mistral_window", "mixtral"])
 def test_save_then_transformers_gives_same_logits(hf_model_dir, tmp_path, variant):
     model, params = jft.load_hf(hf_model_dir(variant))
     jft.save_hf(model, params, tmp_path)
@@ -168,7 +180,9 @@ def test_unsupported_model_type_lists_supported(hf_model_dir, tmp_path):
     folder = _copy(hf_model_dir, tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(CheckpointError, match="'gpt2' is not supported; jft supports llama, mistral, qwen2, qwen3"):
+    with pytest.raises(
+        CheckpointError, match="'gpt2' is not supported; jft supports llama, mistral, mixtral, qwen2, qwen3"
+    ):
         jft.load_hf(folder)
 
 

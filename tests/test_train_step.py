@@ -241,3 +241,42 @@ def test_loss_decreases_and_eval_step_agrees(model_params, eval_step):
     assert losses[-1] < 0.7 * losses[0], losses
     final, _, _ = eval_loss(eval_step, state.params, batch, 4)
     assert final < losses[-1]  # the last step improved on the loss it reported
+
+
+def test_a_mixture_of_experts_trains_with_its_load_balancing_loss():
+    """Mixtral: the step's loss is CE + coef * aux (aux from the router statistics), and it falls."""
+    from jft.models.llama import moe_aux_loss
+
+    cfg = dataclasses.replace(CFG, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5)
+    model = jft.LlamaForCausalLM(cfg)
+    params = model.init_params(jax.random.key(0))
+    batch = {k: v[None] for k, v in make_batch(3, 4).items()}
+    micro = {k: v[0] for k, v in batch.items()}
+    logits, state = model.apply(
+        {"params": params},
+        micro["input_ids"],
+        micro["positions"],
+        None,
+        micro["segment_ids"],
+        mutable=["intermediates"],
+    )
+    loss_sum, weight_sum = weighted_cross_entropy(logits, micro["targets"], micro["loss_weights"])
+    expected = loss_sum / weight_sum + 0.5 * moe_aux_loss(state["intermediates"], 4)
+    tx, schedule = make_optimizer(learning_rate=3e-3, total_steps=20, warmup_steps=0)
+    step = jax.jit(make_train_step(model, tx, schedule))
+    s = TrainState.create(params, jax.tree.map(lambda _: True, params), tx, jax.random.key(1))
+    losses = []
+    for _ in range(8):
+        s, metrics = step(s, batch)
+        losses.append(float(metrics["loss"]))
+    assert abs(losses[0] - float(expected)) < 1e-5
+    assert losses[-1] < losses[0] - 0.1
+    assert (
+        float(
+            jnp.abs(
+                s.trainable["model"]["layers"]["block_sparse_moe"]["gate"]["kernel"]
+                - params["model"]["layers"]["block_sparse_moe"]["gate"]["kernel"]
+            ).max()
+        )
+        > 0
+    )  # the router learns

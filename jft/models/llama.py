@@ -61,6 +61,9 @@ class LlamaConfig:
     qkv_bias: bool = False  # q/k/v biases only (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
     mlp_bias: bool = False
+    num_local_experts: int = 0  # > 0: a Mixtral sparse mixture-of-experts block instead of the MLP
+    num_experts_per_tok: int = 2  # experts each token is routed to (top-k)
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training
     sliding_window: int | None = None  # attend to at most this many previous tokens
     layer_types: tuple[str, ...] | None = None  # "full_attention" / "sliding_attention" per layer
     model_type: str = "llama"  # written back to config.json
@@ -82,6 +85,10 @@ class LlamaConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not supported; use one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.num_local_experts} (the experts)"
+            )
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
@@ -166,6 +173,79 @@ class MLP(nn.Module):
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
 
+class _Kernel(nn.Module):
+    """A bare ``kernel`` param (so stacked expert weights get HF-like paths: ``experts/w1/kernel``)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.with_logical_partitioning(default_init, self.axes), self.shape, self.param_dtype)
+
+
+class _Experts(nn.Module):
+    """The stacked expert kernels ``w1``, ``w3`` ``[experts, embed, mlp]`` and ``w2`` ``[experts, mlp, embed]``."""
+
+    num: int
+    embed: int
+    mlp: int
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        up = ((self.num, self.embed, self.mlp), ("experts", "embed", "mlp"))
+        down = ((self.num, self.mlp, self.embed), ("experts", "mlp", "embed"))
+        return tuple(_Kernel(*spec, self.param_dtype, name=n)() for n, spec in (("w1", up), ("w3", up), ("w2", down)))
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse MLP: a softmax router picks the top ``num_experts_per_tok`` experts per
+    token, whose SwiGLU MLPs (``w1`` gate, ``w3`` up, ``w2`` down) are weighted by the router
+    probabilities renormalised over the chosen ones.
+
+    Tokens are sorted by expert and each expert's rows run as one grouped matmul
+    (``jax.lax.ragged_dot``), so the cost is ``k`` MLPs per token, not one per expert. The
+    router's statistics for the load-balancing loss are sown into ``intermediates`` (see
+    :func:`moe_aux_loss`).
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        n_exp, k = cfg.num_local_experts, cfg.num_experts_per_tok
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        b, t, d = x.shape
+        logits = Linear(n_exp, ("embed", None), False, dt, pdt, out_dtype=jnp.float32, name="gate")(x)
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_p, top_i = jax.lax.top_k(probs, k)
+        top_p = top_p / top_p.sum(-1, keepdims=True)
+        chosen = jax.nn.one_hot(top_i, n_exp, dtype=jnp.float32).sum((0, 1, 2))
+        self.sow("intermediates", "router", (chosen, probs.sum((0, 1)), jnp.asarray(b * t, jnp.float32)))
+        w1, w3, w2 = (w.astype(dt) for w in _Experts(n_exp, d, cfg.intermediate_size, pdt, name="experts")())
+        expert = top_i.reshape(-1)  # [tokens * k]
+        order = jnp.argsort(expert, stable=True)
+        token = (jnp.arange(b * t * k) // k)[order]
+        sizes = jnp.bincount(expert, length=n_exp).astype(jnp.int32)
+        rows = x.reshape(-1, d)[token]
+        hidden = swiglu(jax.lax.ragged_dot(rows, w1, sizes), jax.lax.ragged_dot(rows, w3, sizes))
+        y = jax.lax.ragged_dot(hidden, w2, sizes).astype(jnp.float32) * top_p.reshape(-1)[order][:, None]
+        return jnp.zeros((b * t, d), jnp.float32).at[token].add(y).reshape(b, t, d).astype(dt)
+
+
+def moe_aux_loss(intermediates: dict, num_experts: int) -> jax.Array:
+    """Mixtral's load-balancing loss from the router statistics a forward pass sowed
+    (``model.apply(..., mutable=["intermediates"])``): over all layers and tokens,
+    ``num_experts * sum_e f_e * P_e`` with ``f_e`` the share of top-k slots routed to expert ``e``
+    and ``P_e`` its mean router probability (transformers' ``load_balancing_loss_func``)."""
+    chosen, probs, rows = intermediates["model"]["layers"]["block_sparse_moe"]["router"][0]
+    total = rows.sum()
+    return num_experts * jnp.sum((chosen.sum(0) / total) * (probs.sum(0) / total))
+
+
 class DecoderLayer(nn.Module):
     """One pre-norm block, scanned: ``(x, broadcast..., per-layer xs) -> (x, per-layer ys)``.
 
@@ -189,7 +269,8 @@ class DecoderLayer(nn.Module):
         if adapter is not None and adapter.kind == "houlsby":
             h = Bottleneck(adapter, dt, pdt, name="attn_adapter")(h, phm_rule)
         x = x + h
-        h = MLP(cfg, self.peft, name="mlp")(norm("post_attention_layernorm")(x))
+        h = norm("post_attention_layernorm")(x)
+        h = MoE(cfg, name="block_sparse_moe")(h) if cfg.num_local_experts else MLP(cfg, self.peft, name="mlp")(h)
         if adapter is not None:
             h = Bottleneck(adapter, dt, pdt, name="mlp_adapter")(h, phm_rule)
         return constrain(x + h, ("batch", None, None)), new_kv
@@ -221,7 +302,7 @@ class Decoder(nn.Module):
             layer = nn.remat(layer, policy=getattr(jax.checkpoint_policies, cfg.remat), prevent_cse=False)
         self.layers = nn.scan(
             layer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * 5 + (0,),
             length=cfg.num_hidden_layers,

@@ -21,6 +21,7 @@ import optax
 
 from jft import sharding
 from jft.losses import weighted_cross_entropy
+from jft.models.llama import moe_aux_loss
 from jft.train import partition
 from jft.train.state import TrainState
 
@@ -47,22 +48,31 @@ def make_train_step(
     traced in :func:`jft.sharding.scope` (activation sharding constraints from ``rules``); the
     shardings of the state and batch passed in decide where everything else lives.
 
-    Metrics (float32 scalars unless said): ``loss`` weighted mean CE of the batch,
+    For a mixture-of-experts model the loss adds ``router_aux_loss_coef`` times the
+    load-balancing loss (:func:`jft.models.llama.moe_aux_loss`), as transformers' Mixtral does.
+
+    Metrics (float32 scalars unless said): ``loss`` weighted mean CE of the batch (+ the MoE term),
     ``grad_norm`` global norm before clipping, ``lr`` at this step, ``tokens`` int32 count
     of weight > 0 targets, ``weight`` sum of loss weights. A batch with zero total weight
     gives loss 0 and zero gradients (the optimizer still steps, e.g. weight decay).
     """
 
+    experts = getattr(model.config, "num_local_experts", 0)
+
     def loss_sums(trainable, frozen, micro, rng):
         with sharding.scope(mesh, rules):
-            logits = model.apply(
+            logits, state = model.apply(
                 {"params": partition.merge(trainable, frozen)},
                 micro["input_ids"],
                 positions=micro["positions"],
                 segment_ids=micro["segment_ids"],
                 rngs={"dropout": rng},
+                mutable=["intermediates"],
             )
         loss_sum, weight_sum = weighted_cross_entropy(logits, micro["targets"], micro["loss_weights"])
+        if experts:  # Mixtral: + coef * load-balancing loss, weighted like the tokens
+            aux = moe_aux_loss(state["intermediates"], experts)
+            loss_sum = loss_sum + model.config.router_aux_loss_coef * aux * weight_sum
         return loss_sum, weight_sum
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
