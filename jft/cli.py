@@ -74,9 +74,11 @@ def _eval(args, overrides) -> int:
 
 
 def _merge(args, overrides) -> int:
-    from jft.merge import load_merge_config, merge_folders
+    from jft.merge import load_merge_config, merge_folders, merge_moe
 
-    out = merge_folders(load_merge_config(args.config), args.out, seed=args.seed, max_shard_size=args.max_shard_size)
+    config = load_merge_config(args.config)
+    run = merge_moe if "experts" in config else merge_folders  # mergekit-moe's form names experts
+    out = run(config, args.out, seed=args.seed, max_shard_size=args.max_shard_size)
     print(f"merged model: {out}")
     return 0
 
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge Hugging Face models as a mergekit-style YAML says",
         description="Merge models (linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, "
-        "breadcrumbs_ties, slerp, model_stock) or stack layer slices (passthrough), from a mergekit-style YAML.",
+        "breadcrumbs_ties, slerp, model_stock) or stack layer slices (passthrough), from a mergekit-style YAML; "
+        "or build a Mixtral-style mixture of experts from mergekit-moe's YAML (base_model, experts, gate_mode).",
     )
     merge.add_argument("config", help="merge YAML: merge_method, base_model, models or slices, parameters, dtype")
     merge.add_argument("--out", required=True, help="new folder for the merged model (must be empty)")

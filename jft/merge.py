@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -632,3 +633,165 @@ class _ShardWriter:
             total = sum((self.out / name).stat().st_size for name in names)
             body = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in self.weight_map.items()}}
             (self.out / "model.safetensors.index.json").write_text(json.dumps(body, indent=2))
+
+
+# ---------------------------------------------------------------------------- mixture of experts
+
+_MOE_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "tokenizer_source")
+_EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
+GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
+
+
+def merge_moe(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard_size: int | str = "5GB") -> Path:
+    """A Mixtral-style model from one dense base and several dense experts (mergekit-moe's YAML):
+    attention, norms and embeddings from ``base_model``; in every layer, expert ``j``'s MLP is
+    ``experts[j].source_model``'s (``gate_proj``, ``down_proj`` (times ``residual_scale``),
+    ``up_proj``; plus ``noise_scale`` gaussian noise); ``experts_per_token`` (default 2) routed.
+
+    Router rows (``gate_mode``): ``hidden`` (default) the base model's hidden state entering each
+    layer at the last token of the expert's ``positive_prompts`` (``hidden_avg``: averaged over
+    the prompt's tokens), averaged over prompts, minus the same for ``negative_prompts``, unit
+    norm; ``cheap_embed`` the same from the summed token embeddings (one row for all layers);
+    ``random`` normal, ``uniform_random`` U(+-1/sqrt(hidden)), seeded. Prompts are encoded with
+    the base's tokenizer, BOS first. Writes a folder transformers loads as Mixtral.
+    """
+    from jft.hf import _parse_size, _weight_map, load_hf, load_tokenizer, resolve
+
+    unknown = sorted(set(config) - set(_MOE_KEYS))
+    if unknown:
+        raise MergeError(f"unknown key(s) {unknown} in the MoE merge config; jft reads {list(_MOE_KEYS)}")
+    experts = config.get("experts") or []
+    mode = config.get("gate_mode", "hidden")
+    k = config.get("experts_per_token", 2)
+    if "base_model" not in config or not experts:
+        raise MergeError("a MoE merge needs base_model and a list of experts")
+    if mode not in GATE_MODES:
+        raise MergeError(f"gate_mode {mode!r} is not supported; choose from {GATE_MODES}")
+    if not 1 <= k <= len(experts):
+        raise MergeError(f"experts_per_token={k} must be between 1 and the {len(experts)} experts")
+    for j, e in enumerate(experts):
+        if not isinstance(e, dict) or set(e) - set(_EXPERT_KEYS):
+            raise MergeError(f"experts[{j}]: expected a mapping with keys from {list(_EXPERT_KEYS)}, got {e!r}")
+        if "source_model" not in e:
+            raise MergeError(f"experts[{j}]: source_model is missing")
+        if mode not in ("random", "uniform_random") and not e.get("positive_prompts"):
+            raise MergeError(f"experts[{j}] ({e['source_model']}): gate_mode {mode} needs positive_prompts")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"{out} is not empty; merge into a new folder")
+    dtype = _dtype(config.get("dtype"), "dtype")
+    base_folder = resolve(config["base_model"])
+    base = _Model(
+        str(config["base_model"]),
+        base_folder,
+        json.loads((base_folder / "config.json").read_text()),
+        _weight_map(base_folder),
+    )
+    sources = {}
+    for e in experts:
+        ref = e["source_model"]
+        if ref not in sources:
+            folder = resolve(ref)
+            sources[ref] = _Model(
+                str(ref), folder, json.loads((folder / "config.json").read_text()), _weight_map(folder)
+            )
+    for m in sources.values():
+        diff = [key for key in (*_ARCH_KEYS, "num_hidden_layers") if m.config.get(key) != base.config.get(key)]
+        if diff:
+            raise MergeError(
+                f"expert {m.ref} differs from base {base.ref} in {diff}; experts must share its architecture"
+            )
+    if base.config.get("num_local_experts") or base.config.get("model_type") not in ("llama", "mistral"):
+        raise MergeError(
+            f"base {base.ref}: a MoE merge takes dense Llama or Mistral models, not {base.config.get('model_type')!r}"
+        )
+    if base.config.get("attention_bias") or base.config.get("mlp_bias"):
+        raise MergeError(f"base {base.ref}: attention or MLP biases cannot be expressed by a Mixtral config")
+    layers, hidden = base.num_layers, base.config["hidden_size"]
+    gates = _router_rows(
+        mode, experts, base, layers, hidden, seed, load_hf, load_tokenizer
+    )  # [layers, experts, hidden]
+
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out, _parse_size(max_shard_size))
+    cast = (lambda x: x.astype(dtype)) if dtype else (lambda x: x)  # noqa: E731
+    rng = np.random.default_rng(seed)
+    for name in base.files:
+        if ".mlp." not in name and not name.endswith("rotary_emb.inv_freq"):
+            writer.add(name, cast(base.tensor(name, None)))
+    for i in range(layers):
+        for j, e in enumerate(experts):
+            src = sources[e["source_model"]]
+            for proj, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+                x = src.tensor(f"model.layers.{i}.mlp.{proj}.weight", np.float32)
+                if e.get("noise_scale"):
+                    x = x + rng.normal(0.0, e["noise_scale"], x.shape).astype(np.float32)
+                if proj == "down_proj" and e.get("residual_scale") is not None:
+                    x = x * e["residual_scale"]
+                stored = dtype or base.tensor(f"model.layers.{i}.mlp.{proj}.weight", None).dtype
+                writer.add(f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight", x.astype(stored))
+        writer.add(f"model.layers.{i}.block_sparse_moe.gate.weight", gates[i].astype(dtype or np.float32))
+    writer.close()
+    cfg = {k_: v for k_, v in base.config.items() if k_ not in ("mlp_bias", "attention_bias", "pretraining_tp")}
+    cfg.update(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=len(experts),
+        num_experts_per_tok=k,
+        sliding_window=None,
+        router_aux_loss_coef=0.001,
+        router_jitter_noise=0.0,
+        output_router_logits=False,
+    )
+    if dtype is not None:
+        cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = np.dtype(dtype).name
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok = resolve(config.get("tokenizer_source") or config["base_model"])
+    for f in tok.iterdir():
+        if f.is_file() and _TOKENIZER_FILES.match(f.name):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+def _router_rows(mode, experts, base, layers, hidden, seed, load_hf, load_tokenizer) -> np.ndarray:
+    """``[layers, experts, hidden]`` router weights for ``gate_mode``."""
+    n = len(experts)
+    if mode == "random":
+        return np.asarray(jax.random.normal(jax.random.key(seed), (layers, n, hidden)), np.float32)
+    if mode == "uniform_random":
+        bound = 1.0 / math.sqrt(hidden)
+        return np.asarray(jax.random.uniform(jax.random.key(seed), (layers, n, hidden), minval=-bound, maxval=bound))
+    tokenizer = load_tokenizer(base.folder)
+    if tokenizer is None:
+        raise MergeError(f"base {base.ref} has no tokenizer; gate_mode {mode} encodes the prompts with it")
+    if mode == "cheap_embed":
+        embed = base.tensor("model.embed_tokens.weight", np.float32)
+    else:
+        model, params = load_hf(base.folder, dtype="float32", remat="none")
+
+    def vectors(prompts: list[str]) -> np.ndarray:
+        """``[layers, hidden]``: the prompts' summary per layer, before normalising."""
+        ids = [tokenizer((tokenizer.bos_token or "") + p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(len(x) for x in ids)
+        tokens = np.zeros((len(ids), width), np.int32)
+        mask = np.zeros((len(ids), width), np.int32)
+        for r, x in enumerate(ids):  # left-padded, so the last position is every prompt's last token
+            tokens[r, width - len(x) :], mask[r, width - len(x) :] = x, 1
+        if mode == "cheap_embed":
+            summed = (embed[tokens] * mask[..., None]).sum((0, 1))
+            return np.broadcast_to(summed / max(np.linalg.norm(summed), 1e-8), (layers, hidden))
+        _, state = model.apply({"params": params}, tokens, attention_mask=mask, mutable=["intermediates"])
+        h = np.asarray(state["intermediates"]["model"]["layers"]["hidden"][0], np.float32)  # [layers, b, t, d]
+        if mode == "hidden":
+            per_prompt = h[:, :, -1]
+        else:
+            per_prompt = (h * mask[None, :, :, None]).sum(2) / mask.sum(1)[None, :, None]
+        return per_prompt.mean(1)
+
+    rows = []
+    for e in experts:
+        v = vectors(e["positive_prompts"])
+        if e.get("negative_prompts"):
+            v = v - vectors(e["negative_prompts"])
+        rows.append(v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-8))
+    return np.stack(rows, axis=1).astype(np.float32)

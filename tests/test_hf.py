@@ -38,11 +38,11 @@ def test_logits_match_transformers(hf_model_dir, variant):
 def test_mixtral_load_balancing_loss_matches_transformers(hf_model_dir):
     folder = hf_model_dir("mixtral")
     model, params = jft.load_hf(folder, dtype="float32")
-    _, state = model.apply({"params": params}, jnp.asarray(IDS), mutable=["intermediates"])
+    _, state = model.apply({"params": params}, jnp.asarray(IDS), mutable=["router"])
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(torch.tensor(IDS), output_router_logits=True).aux_loss.item()
-    aux = float(moe_aux_loss(state["intermediates"], model.config.num_local_experts))
+    aux = float(moe_aux_loss(state["router"], model.config.num_local_experts))
     assert abs(aux - expected) < 1e-5 and aux > 1.0  # 1.0 = perfectly balanced
 
 

@@ -310,3 +310,109 @@ def test_combined_lora_adapters_match_peft_add_weighted_adapter(hf_model_dir, tm
     combined, merged = jft.peft.combine_lora(adapters, [0.7, -0.4], method, **kw)
     assert combined.peft.lora.r == {"cat": 8, "svd": 3}.get(method, 4)
     np.testing.assert_allclose(combined.apply({"params": merged}, ids), expected, atol=2e-4)
+
+
+WORDS = ["add", "the", "numbers", "write", "python", "code", "translate", "to", "french", "story", "poem", "sum"]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """A base with a tokenizer and three experts that differ from it in their MLPs only."""
+    from jft.tokenizer import train_word_tokenizer
+
+    root = tmp_path_factory.mktemp("moe_models")
+    tok = train_word_tokenizer([" ".join(WORDS)] * 4, vocab_size=300)
+    build_hf_model("llama", root / "base", num_hidden_layers=3, vocab_size=len(tok), bos_token_id=tok.bos_token_id)
+    tok.save_pretrained(root / "base")
+    base = load_file(root / "base" / "model.safetensors")
+    rs = np.random.RandomState(2)
+    for k in range(3):
+        shutil.copytree(root / "base", root / f"e{k}")
+        tuned = {n: (x + 0.1 * rs.randn(*x.shape) * (".mlp." in n)).astype(x.dtype) for n, x in base.items()}
+        save_file(tuned, str(root / f"e{k}" / "model.safetensors"), metadata={"format": "pt"})
+    return {name: str(root / name) for name in ("base", "e0", "e1", "e2")}
+
+
+def moe_config(m, mode, experts=("e0", "e1", "e2")):
+    prompts = [["add the numbers", "sum the numbers"], ["write python code"], ["translate to french"]]
+    return dict(
+        base_model=m["base"],
+        gate_mode=mode,
+        dtype="float32",
+        experts=[
+            dict(
+                source_model=m[e],
+                positive_prompts=prompts[j],
+                **({"negative_prompts": ["write a poem"]} if j == 1 else {}),
+            )
+            for j, e in enumerate(experts)
+        ],
+    )
+
+
+def test_moe_of_identical_experts_reproduces_the_dense_model(dense, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = {**moe_config(dense, "random", ("e1", "e1", "e1")), "base_model": dense["e1"]}
+    merge.merge_moe(config, tmp_path / "moe")
+    model, params = jft.load_hf(tmp_path / "moe")
+    assert model.config.num_local_experts == 3 and model.config.num_experts_per_tok == 2
+    dense_model, dense_params = jft.load_hf(dense["e1"])
+    ids = np.random.RandomState(0).randint(3, 200, (2, 9))
+    expected = dense_model.apply({"params": dense_params}, ids)
+    np.testing.assert_allclose(model.apply({"params": params}, ids), expected, atol=1e-4)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").float().eval()  # loads as Mixtral
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(torch.tensor(ids)).logits.numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["cheap_embed", "hidden"])
+def test_moe_router_rows_match_mergekit_moe(dense, tmp_path, mode):
+    """Router rows from the prompts (and expert MLPs) as mergekit-moe builds them; mergekit runs
+    the base in bfloat16 for ``hidden``, hence the looser tolerance there."""
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.options import MergeOptions
+    from mergekit.scripts.moe import build
+
+    config = moe_config(dense, mode)
+    merge.merge_moe(config, tmp_path / "jft")
+    build(MoEMergeConfig.model_validate(config), str(tmp_path / "mk"), MergeOptions(quiet=True), device="cpu")
+    ours, theirs = load_file(tmp_path / "jft" / "model.safetensors"), {}
+    for f in (tmp_path / "mk").glob("*.safetensors"):
+        theirs.update(load_file(f))
+    for i in range(3):
+        gate = ours[f"model.layers.{i}.block_sparse_moe.gate.weight"]
+        np.testing.assert_allclose(
+            gate, theirs[f"model.layers.{i}.mlp.gate.weight"], atol=1e-5 if mode == "cheap_embed" else 0.03
+        )
+        w1 = np.stack([ours[f"model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight"] for j in range(3)])
+        np.testing.assert_array_equal(w1, theirs[f"model.layers.{i}.mlp.experts.gate_up_proj"][:, : w1.shape[1]])
+    # Layer 0's input is the embedding: its "hidden" row is the normalised mean of the prompts' last tokens.
+    if mode == "hidden":
+        tok = jft.load_tokenizer(dense["base"])
+        embed = load_file(f"{dense['base']}/model.safetensors")["model.embed_tokens.weight"]
+        last = [tok(p, add_special_tokens=False)["input_ids"][-1] for p in ("add the numbers", "sum the numbers")]
+        v = embed[last].mean(0)
+        np.testing.assert_allclose(
+            ours["model.layers.0.block_sparse_moe.gate.weight"][0], v / np.linalg.norm(v), atol=1e-6
+        )
+
+
+def test_jft_merge_builds_a_moe_from_yaml_and_refuses_bad_ones(dense, tmp_path, capsys):
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(moe_config(dense, "cheap_embed")))
+    assert cli(["merge", str(tmp_path / "moe.yaml"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert jft.load_hf(tmp_path / "out")[0].config.num_local_experts == 3
+    bad = {
+        "gate_mode 'magic' is not supported": {**moe_config(dense, "magic")},
+        "needs positive_prompts": {**moe_config(dense, "hidden"), "experts": [dict(source_model=dense["e0"])] * 2},
+        "experts_per_token=4 must be between 1 and the 3 experts": {
+            **moe_config(dense, "random"),
+            "experts_per_token": 4,
+        },
+        "unknown key(s) ['shared_experts']": {**moe_config(dense, "random"), "shared_experts": []},
+    }
+    for expected, config in bad.items():
+        with pytest.raises(merge.MergeError, match=re.escape(expected)):
+            merge.merge_moe(config, tmp_path / "never")

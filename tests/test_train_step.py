@@ -258,10 +258,10 @@ def test_a_mixture_of_experts_trains_with_its_load_balancing_loss():
         micro["positions"],
         None,
         micro["segment_ids"],
-        mutable=["intermediates"],
+        mutable=["router"],
     )
     loss_sum, weight_sum = weighted_cross_entropy(logits, micro["targets"], micro["loss_weights"])
-    expected = loss_sum / weight_sum + 0.5 * moe_aux_loss(state["intermediates"], 4)
+    expected = loss_sum / weight_sum + 0.5 * moe_aux_loss(state["router"], 4)
     tx, schedule = make_optimizer(learning_rate=3e-3, total_steps=20, warmup_steps=0)
     step = jax.jit(make_train_step(model, tx, schedule))
     s = TrainState.create(params, jax.tree.map(lambda _: True, params), tx, jax.random.key(1))

@@ -207,8 +207,8 @@ class MoE(nn.Module):
 
     Tokens are sorted by expert and each expert's rows run as one grouped matmul
     (``jax.lax.ragged_dot``), so the cost is ``k`` MLPs per token, not one per expert. The
-    router's statistics for the load-balancing loss are sown into ``intermediates`` (see
-    :func:`moe_aux_loss`).
+    router's statistics for the load-balancing loss are sown into the ``router`` collection
+    (see :func:`moe_aux_loss`).
     """
 
     config: LlamaConfig
@@ -224,7 +224,7 @@ class MoE(nn.Module):
         top_p, top_i = jax.lax.top_k(probs, k)
         top_p = top_p / top_p.sum(-1, keepdims=True)
         chosen = jax.nn.one_hot(top_i, n_exp, dtype=jnp.float32).sum((0, 1, 2))
-        self.sow("intermediates", "router", (chosen, probs.sum((0, 1)), jnp.asarray(b * t, jnp.float32)))
+        self.sow("router", "stats", (chosen, probs.sum((0, 1)), jnp.asarray(b * t, jnp.float32)))
         w1, w3, w2 = (w.astype(dt) for w in _Experts(n_exp, d, cfg.intermediate_size, pdt, name="experts")())
         expert = top_i.reshape(-1)  # [tokens * k]
         order = jnp.argsort(expert, stable=True)
@@ -236,12 +236,13 @@ class MoE(nn.Module):
         return jnp.zeros((b * t, d), jnp.float32).at[token].add(y).reshape(b, t, d).astype(dt)
 
 
-def moe_aux_loss(intermediates: dict, num_experts: int) -> jax.Array:
+def moe_aux_loss(router: dict, num_experts: int) -> jax.Array:
     """Mixtral's load-balancing loss from the router statistics a forward pass sowed
-    (``model.apply(..., mutable=["intermediates"])``): over all layers and tokens,
+    (``_, state = model.apply(..., mutable=["router"])``, ``router = state["router"]``): over all
+    layers and tokens,
     ``num_experts * sum_e f_e * P_e`` with ``f_e`` the share of top-k slots routed to expert ``e``
     and ``P_e`` its mean router probability (transformers' ``load_balancing_loss_func``)."""
-    chosen, probs, rows = intermediates["model"]["layers"]["block_sparse_moe"]["router"][0]
+    chosen, probs, rows = router["model"]["layers"]["block_sparse_moe"]["stats"][0]
     total = rows.sum()
     return num_experts * jnp.sum((chosen.sum(0) / total) * (probs.sum(0) / total))
 
@@ -262,6 +263,7 @@ class DecoderLayer(nn.Module):
         cfg, adapter = self.config, self.peft.adapter
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         window, kv_cache, prefix_kv = xs
+        self.sow("intermediates", "hidden", x)  # this layer's input (HF's hidden_states[layer]); kept only if asked
         masks = [m & (dist < window)[None] for m, dist in zip(masks, distances, strict=True)]
         norm = lambda n: RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name=n)  # noqa: E731
         attn = Attention(cfg, self.peft, name="self_attn")
@@ -302,7 +304,7 @@ class Decoder(nn.Module):
             layer = nn.remat(layer, policy=getattr(jax.checkpoint_policies, cfg.remat), prevent_cse=False)
         self.layers = nn.scan(
             layer,
-            variable_axes={"params": 0, "intermediates": 0},
+            variable_axes={"params": 0, "intermediates": 0, "router": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * 5 + (0,),
             length=cfg.num_hidden_layers,

@@ -61,17 +61,18 @@ def make_train_step(
 
     def loss_sums(trainable, frozen, micro, rng):
         with sharding.scope(mesh, rules):
-            logits, state = model.apply(
+            out = model.apply(
                 {"params": partition.merge(trainable, frozen)},
                 micro["input_ids"],
                 positions=micro["positions"],
                 segment_ids=micro["segment_ids"],
                 rngs={"dropout": rng},
-                mutable=["intermediates"],
+                mutable=["router"] if experts else False,
             )
+        logits = out[0] if experts else out
         loss_sum, weight_sum = weighted_cross_entropy(logits, micro["targets"], micro["loss_weights"])
         if experts:  # Mixtral: + coef * load-balancing loss, weighted like the tokens
-            aux = moe_aux_loss(state["intermediates"], experts)
+            aux = moe_aux_loss(out[1]["router"], experts)
             loss_sum = loss_sum + model.config.router_aux_loss_coef * aux * weight_sum
         return loss_sum, weight_sum
 
