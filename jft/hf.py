@@ -346,8 +346,21 @@ def load_hf(
     files = _weight_map(folder)
     used = set()
     params: dict = {}
+    fused = _fused_expert_names(files, cfg)  # Mixtral experts stored as stacked tensors
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(files.values())}
+        last: dict = {}  # the stacked expert tensor being read (one at a time)
+
+        def get(name: str) -> np.ndarray:
+            if name not in fused:
+                used.add(name)
+                return handles[files[name]].get_tensor(name)
+            source, pick = fused[name]
+            if source not in last:
+                last.clear()
+                last[source] = handles[files[source]].get_tensor(source)
+                used.add(source)
+            return pick(last[source])
 
         def read(path_, spec) -> jax.Array:
             """One param: its HF tensors (one per layer if stacked) checked and copied into place."""
@@ -360,18 +373,17 @@ def load_hf(
             buf = [] if quantized_kernel else np.empty(spec.shape, _DTYPES[cfg.param_dtype])
             rows = buf if quantized_kernel else buf.reshape(-1, *per_layer)  # a view: one row per HF tensor
             for i, name in enumerate(hf_names(path_, cfg.num_hidden_layers, cfg.num_local_experts)):
-                if name not in files:
+                if name not in files and name not in fused:
                     raise CheckpointError(
                         f"{folder}: tensor {name!r} is missing from the checkpoint; "
                         "check that config.json belongs to these weights"
                     )
-                tensor = handles[files[name]].get_tensor(name)
+                tensor = get(name)
                 if tensor.shape != tuple(stored):
                     raise CheckpointError(
-                        f"{files[name]}: tensor {name!r} has shape {tensor.shape}, config.json implies "
+                        f"{files.get(name, folder)}: tensor {name!r} has shape {tensor.shape}, config.json implies "
                         f"{tuple(stored)}; check that config.json belongs to these weights"
                     )
-                used.add(name)
                 if quantized_kernel:  # only this matrix is ever in full precision
                     w = jnp.asarray(tensor.T, _DTYPES[cfg.param_dtype])
                     buf.append(jax.device_get(jft_quant.quantize(w, quantize, block_size, double_quant)))
@@ -395,6 +407,24 @@ def load_hf(
             "check that config.json belongs to these weights"
         )
     return model, params
+
+
+def _fused_expert_names(files: dict, cfg: LlamaConfig) -> dict:
+    """Per-expert names (``...block_sparse_moe.experts.J.w1.weight``) -> (stacked tensor, slice) for
+    checkpoints that keep Mixtral's experts stacked (transformers 5's in-memory layout, which
+    mergekit-moe writes): ``mlp.gate.weight``, ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` (gate
+    rows first), ``mlp.experts.down_proj`` ``[E, H, I]``. Empty for per-expert checkpoints."""
+    if not cfg.num_local_experts or "model.layers.0.mlp.experts.gate_up_proj" not in files:
+        return {}
+    mlp, out = cfg.intermediate_size, {}
+    for i in range(cfg.num_hidden_layers):
+        old, new = f"model.layers.{i}.block_sparse_moe", f"model.layers.{i}.mlp"
+        out[f"{old}.gate.weight"] = (f"{new}.gate.weight", lambda t: t)
+        for j in range(cfg.num_local_experts):
+            out[f"{old}.experts.{j}.w1.weight"] = (f"{new}.experts.gate_up_proj", lambda t, j=j: t[j, :mlp])
+            out[f"{old}.experts.{j}.w3.weight"] = (f"{new}.experts.gate_up_proj", lambda t, j=j: t[j, mlp:])
+            out[f"{old}.experts.{j}.w2.weight"] = (f"{new}.experts.down_proj", lambda t, j=j: t[j])
+    return out
 
 
 def _quantized_modules(kind: str | None, skip: tuple[str, ...]) -> set[str]:

@@ -388,6 +388,17 @@ def test_moe_router_rows_match_mergekit_moe(dense, tmp_path, mode):
         )
         w1 = np.stack([ours[f"model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight"] for j in range(3)])
         np.testing.assert_array_equal(w1, theirs[f"model.layers.{i}.mlp.experts.gate_up_proj"][:, : w1.shape[1]])
+    if mode == "cheap_embed":  # mergekit-moe keeps experts stacked (transformers 5's layout): jft reads that too
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model, params = jft.load_hf(tmp_path / "mk", dtype="float32")
+        ids = np.random.RandomState(0).randint(3, 200, (2, 9))
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                model.apply({"params": params}, ids), hf(torch.tensor(ids)).logits.numpy(), atol=1e-4
+            )
     # Layer 0's input is the embedding: its "hidden" row is the normalised mean of the prompts' last tokens.
     if mode == "hidden":
         tok = jft.load_tokenizer(dense["base"])
