@@ -24,6 +24,7 @@ of the weights that count (of all weights without consensus); ``lambda`` scales 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -408,9 +409,7 @@ def load_merge_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def merge_folders(
-    config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard_size: int | str = "5GB", copy_tokenizer=True
-) -> Path:
+def merge_folders(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard_size: int | str = "5GB") -> Path:
     """Merge Hugging Face model folders as a mergekit-style ``config`` says, into ``out_dir``.
 
     Streams tensor by tensor: each output tensor is computed from the matching tensor of every
@@ -429,9 +428,9 @@ def merge_folders(
     if method not in METHODS:
         raise MergeError(f"merge_method {method!r} is not supported; choose from {sorted(METHODS)}")
     spec = METHODS[method]
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise MergeError(f"{out} is not empty; merge into a new folder")
+    if config.get("tokenizer_source") == "union":
+        raise MergeError("tokenizer_source: union is not supported; use base or a model")
+    out = _check_out(out_dir)
     dtype = _dtype(config.get("dtype"), "dtype")
     slices = _slices(config)
     base_ref = config.get("base_model")
@@ -482,10 +481,9 @@ def merge_folders(
             layer += 1
     plan += [(n, slices[-1], [(s[0], n) for s in slices[-1].sources], 0.0) for n in outer if "embed_tokens" not in n]
 
-    out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out, _parse_size(max_shard_size))
     key = jax.random.key(seed)
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    with _filling(out), jax.default_device(jax.local_devices(backend="cpu")[0]):
         for name, sl, inputs, t in plan:
             base = sl.base or base_ref
             tensors = {ref: models[ref].tensor(n, dtype) for ref, n in inputs}
@@ -512,7 +510,7 @@ def merge_folders(
                 rng,
             )
             writer.add(name, np.asarray(merged).astype(out_dtype or merged.dtype))
-    writer.close()
+        writer.close()
 
     cfg = dict(reference.config)
     cfg["num_hidden_layers"] = layer
@@ -526,15 +524,34 @@ def merge_folders(
     if out_dtype is not None:
         cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = str(np.dtype(out_dtype).name)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    if copy_tokenizer:
-        source = config.get("tokenizer_source") or "base"
-        if source == "union":
-            raise MergeError("tokenizer_source: union is not supported; use base or a model")
-        folder = models[base_ref or reference.ref].folder if source == "base" else resolve(source)
-        for f in folder.iterdir():
-            if f.is_file() and _TOKENIZER_FILES.match(f.name):
-                shutil.copy2(f, out / f.name)
+    source = config.get("tokenizer_source") or "base"
+    _copy_tokenizer(models[base_ref or reference.ref].folder if source == "base" else resolve(source), out)
     return out
+
+
+def _check_out(out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"{out} is not empty; merge into a new folder")
+    return out
+
+
+@contextlib.contextmanager
+def _filling(out: Path):
+    """Create the (new or empty) output folder; empty it again if the merge fails midway."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for f in out.iterdir():
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        raise
+
+
+def _copy_tokenizer(folder: Path, out: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file() and _TOKENIZER_FILES.match(f.name):
+            shutil.copy2(f, out / f.name)
 
 
 def _dtype(name, key):
@@ -676,9 +693,7 @@ def merge_moe(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard
             raise MergeError(f"experts[{j}]: source_model is missing")
         if mode not in ("random", "uniform_random") and not e.get("positive_prompts"):
             raise MergeError(f"experts[{j}] ({e['source_model']}): gate_mode {mode} needs positive_prompts")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise MergeError(f"{out} is not empty; merge into a new folder")
+    out = _check_out(out_dir)
     dtype = _dtype(config.get("dtype"), "dtype")
     base_folder = resolve(config["base_model"])
     base = _Model(
@@ -712,26 +727,28 @@ def merge_moe(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard
         mode, experts, base, layers, hidden, seed, load_hf, load_tokenizer
     )  # [layers, experts, hidden]
 
-    out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out, _parse_size(max_shard_size))
-    cast = (lambda x: x.astype(dtype)) if dtype else (lambda x: x)  # noqa: E731
-    rng = np.random.default_rng(seed)
-    for name in base.files:
-        if ".mlp." not in name and not name.endswith("rotary_emb.inv_freq"):
-            writer.add(name, cast(base.tensor(name, None)))
-    for i in range(layers):
-        for j, e in enumerate(experts):
-            src = sources[e["source_model"]]
-            for proj, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
-                x = src.tensor(f"model.layers.{i}.mlp.{proj}.weight", np.float32)
-                if e.get("noise_scale"):
-                    x = x + rng.normal(0.0, e["noise_scale"], x.shape).astype(np.float32)
-                if proj == "down_proj" and e.get("residual_scale") is not None:
-                    x = x * e["residual_scale"]
-                stored = dtype or base.tensor(f"model.layers.{i}.mlp.{proj}.weight", None).dtype
-                writer.add(f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight", x.astype(stored))
-        writer.add(f"model.layers.{i}.block_sparse_moe.gate.weight", gates[i].astype(dtype or np.float32))
-    writer.close()
+    with _filling(out):
+        cast = (lambda x: x.astype(dtype)) if dtype else (lambda x: x)  # noqa: E731
+        rng = np.random.default_rng(seed)
+        for name in base.files:
+            if ".mlp." not in name and not name.endswith("rotary_emb.inv_freq"):
+                writer.add(name, cast(base.tensor(name, None)))
+        for i in range(layers):
+            for j, e in enumerate(experts):
+                src = sources[e["source_model"]]
+                for proj, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+                    raw = src.tensor(f"model.layers.{i}.mlp.{proj}.weight", None)
+                    x = raw.astype(np.float32)
+                    if e.get("noise_scale"):
+                        x = x + rng.normal(0.0, e["noise_scale"], x.shape).astype(np.float32)
+                    if proj == "down_proj" and e.get("residual_scale") is not None:
+                        x = x * e["residual_scale"]
+                    writer.add(
+                        f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight", x.astype(dtype or raw.dtype)
+                    )
+            writer.add(f"model.layers.{i}.block_sparse_moe.gate.weight", gates[i].astype(dtype or np.float32))
+        writer.close()
     cfg = {k_: v for k_, v in base.config.items() if k_ not in ("mlp_bias", "attention_bias", "pretraining_tp")}
     cfg.update(
         model_type="mixtral",
@@ -746,10 +763,7 @@ def merge_moe(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard
     if dtype is not None:
         cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = np.dtype(dtype).name
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok = resolve(config.get("tokenizer_source") or config["base_model"])
-    for f in tok.iterdir():
-        if f.is_file() and _TOKENIZER_FILES.match(f.name):
-            shutil.copy2(f, out / f.name)
+    _copy_tokenizer(resolve(config.get("tokenizer_source") or config["base_model"]), out)
     return out
 
 

@@ -269,6 +269,15 @@ def test_bad_configs_fail_with_clear_errors(models, tmp_path):
     for expected, config in bad.items():
         with pytest.raises(merge.MergeError, match=re.escape(expected)):
             merge.merge_folders(config, tmp_path / "never")
+    shutil.copytree(models["m0"], tmp_path / "holed")  # a tensor missing halfway through the merge
+    tensors = load_file(tmp_path / "holed" / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, str(tmp_path / "holed" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(merge.MergeError, match=re.escape("model.layers.2.mlp.up_proj.weight' is missing")):
+        merge.merge_folders(
+            {**good, "models": [dict(model=str(tmp_path / "holed"), parameters=dict(weight=1.0))]}, tmp_path / "half"
+        )
+    assert list((tmp_path / "half").iterdir()) == []  # nothing half-written is left behind
     build_hf_model("llama", tmp_path / "wide", num_hidden_layers=4, hidden_size=32)
     with pytest.raises(merge.MergeError, match="differs from .* in \\['hidden_size'\\]"):
         merge.merge_folders(
