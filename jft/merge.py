@@ -82,13 +82,11 @@ def sparsify(
     if method == "magnitude":
         if density <= 0 or n == 0:
             return jnp.zeros_like(delta)
-        keep = jnp.argsort(-flat, stable=True)[: max(1, int(density * n))]
-        mask = jnp.zeros(n, delta.dtype).at[keep].set(1).reshape(delta.shape)
+        mask = _top(flat, max(1, int(density * n))).reshape(delta.shape).astype(delta.dtype)
     elif method == "magnitude_outliers":
         target, top = int(density * n), int(gamma * n)
         bottom = max(0, n - target - top)
-        keep = jnp.argsort(flat, stable=True)[bottom : bottom + target]
-        mask = jnp.zeros(n, delta.dtype).at[keep].set(1).reshape(delta.shape)
+        mask = (_bottom(flat, bottom + target) & ~_bottom(flat, bottom)).reshape(delta.shape).astype(delta.dtype)
     elif method == "random":
         if rng is None:
             raise ValueError("random sparsification (DARE) needs an rng key")
@@ -96,6 +94,58 @@ def sparsify(
     else:
         raise ValueError(f"unknown sparsification {method!r}; use magnitude, random or magnitude_outliers")
     return _rescaled(delta, mask, rescale)
+
+
+def _kth_largest(bits: jax.Array, k: int) -> jax.Array:
+    """The k-th largest of non-negative float32 bit patterns (int32, ordered like the floats):
+    a partial sort on the host for concrete arrays, else (under jit) bisection on the value, 32
+    counting passes (XLA's CPU sort is much slower than either)."""
+    if not isinstance(bits, jax.core.Tracer):
+        host = np.asarray(bits)
+        return jnp.int32(np.partition(host, host.size - k)[host.size - k])
+
+    def step(_, bounds):
+        lo, hi = bounds  # count(bits >= lo) >= k > count(bits >= hi)
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(bits >= mid) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    return jax.lax.fori_loop(0, 32, step, (jnp.int32(0), jnp.int32(0x7F800001)))[0]
+
+
+def _top(values: jax.Array, k: int) -> jax.Array:
+    """Mask of exactly ``k`` largest of non-negative ``values`` (ties: lower index first)."""
+    if k >= values.size:
+        return jnp.ones(values.shape, bool)
+    bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+    t = _kth_largest(bits, k)
+    return _with_ties(bits > t, bits == t, k)
+
+
+def _bottom(values: jax.Array, m: int) -> jax.Array:
+    """Mask of exactly ``m`` smallest of non-negative ``values`` (ties: lower index first)."""
+    if m <= 0:
+        return jnp.zeros(values.shape, bool)
+    if m >= values.size:
+        return jnp.ones(values.shape, bool)
+    bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+    t = _kth_largest(bits, values.size - m + 1)
+    return _with_ties(bits < t, bits == t, m)
+
+
+def _with_ties(strict: jax.Array, tie: jax.Array, count: int) -> jax.Array:
+    """``strict`` plus the first entries of ``tie`` (by index) that make ``count`` in all; the
+    running count is only computed when values tie at the threshold (a scan is slow on CPU)."""
+    need = count - strict.sum()
+    return jax.lax.cond(tie.sum() == need, _all_ties, _first_ties, strict, tie, need)
+
+
+def _all_ties(strict, tie, need):
+    return strict | tie
+
+
+def _first_ties(strict, tie, need):
+    return strict | (tie & (jnp.cumsum(tie) <= need))
 
 
 def task_arithmetic(
