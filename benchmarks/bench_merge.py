@@ -9,7 +9,9 @@ variants (base + gaussian noise). Both tools merge them with the same ties YAML 
 fresh process (imports included) under `/usr/bin/time -v` (else a Python wrapper that reads
 `RUSAGE_CHILDREN`), so peak RSS is that process's alone. Runs alternate between the tools
 after one untimed read of the inputs; best wall time and largest peak RSS of --repeats runs
-are reported, with the max abs difference between the two merged models.
+are reported, with the max abs difference between the two merged models (mergekit breaks
+ties in |delta| at the top-k threshold in torch.argsort's unspecified order, jft by index, so a
+few elements may differ by one delta).
 """
 
 from __future__ import annotations
@@ -85,16 +87,20 @@ def measure(cmd: list[str], gnu_time: bool) -> tuple[float, float]:
     return wall, int(kb.group(1)) / 1024
 
 
-def max_abs_diff(a: Path, b: Path) -> tuple[float, str]:
-    """Largest |a - b| over all tensors of two single-file safetensors folders, and where."""
+def compare(a: Path, b: Path) -> str:
+    """Max |a - b| over two single-file safetensors folders, and how many elements differ."""
     from safetensors import safe_open
 
     with safe_open(a / "model.safetensors", "pt") as fa, safe_open(b / "model.safetensors", "pt") as fb:
         if set(fa.keys()) != set(fb.keys()):
-            return float("inf"), f"tensor names differ: {sorted(set(fa.keys()) ^ set(fb.keys()))[:5]}"
-        diffs = {k: (fa.get_tensor(k).double() - fb.get_tensor(k).double()).abs().max().item() for k in fa.keys()}
-    worst = max(diffs, key=diffs.get)
-    return diffs[worst], worst
+            return f"tensor names differ: {sorted(set(fa.keys()) ^ set(fb.keys()))[:5]}"
+        stats = {}
+        for k in fa.keys():
+            d = (fa.get_tensor(k).double() - fb.get_tensor(k).double()).abs()
+            stats[k] = (d.max().item(), int((d > 0).sum()), d.numel())
+    worst = max(stats, key=lambda k: stats[k][0])
+    n, total = sum(s[1] for s in stats.values()), sum(s[2] for s in stats.values())
+    return f"{stats[worst][0]:.3g} ({worst}); {n} of {total} elements differ"
 
 
 def main() -> None:
@@ -126,8 +132,7 @@ def main() -> None:
             results[tool].append(measure(command(tool, config, out), gnu_time))
             print(f"  run {r + 1} {tool:9s} {results[tool][-1][0]:7.2f} s {results[tool][-1][1]:8.0f} MiB", flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")
-    diff, where = max_abs_diff(args.workdir / "out" / "jft", args.workdir / "out" / "mergekit")
-    print(f"max |jft - mergekit| over the merged model: {diff:.3g} ({where})")
+    print(f"max |jft - mergekit|: {compare(args.workdir / 'out' / 'jft', args.workdir / 'out' / 'mergekit')}")
     best = {t: (min(w for w, _ in v), max(m for _, m in v)) for t, v in results.items()}
     print(f"\n{'tool':10s} {'wall s (best)':>14s} {'peak RSS MiB (max)':>19s}")
     for tool, (wall, rss) in best.items():

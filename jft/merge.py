@@ -368,6 +368,7 @@ class MergeError(ValueError):
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source")
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 _ARCH_KEYS = (
     "model_type",
     "hidden_size",
@@ -415,28 +416,39 @@ def evaluate_setting(setting, name: str, t: float):
 
 @dataclasses.dataclass
 class _Model:
-    """An input model folder: its config and (lazily opened) safetensors."""
+    """An input model folder: its config, and its safetensors read one tensor at a time."""
 
     ref: str
     folder: Path
     config: dict
     files: dict  # tensor name -> file
-    handles: dict = dataclasses.field(default_factory=dict)
+    headers: dict = dataclasses.field(default_factory=dict)  # file -> (data start, header)
 
     @property
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
 
     def tensor(self, name: str, dtype) -> np.ndarray:
-        from safetensors import safe_open
-
+        """Tensor ``name`` (cast to ``dtype`` unless None), read into a fresh array: no file stays
+        mapped into memory, so a merge holds only the tensors it is working on."""
         if name not in self.files:
             raise MergeError(f"model {self.ref}: tensor {name!r} is missing ({self.folder})")
         file = self.files[name]
-        if file not in self.handles:
-            self.handles[file] = safe_open(file, framework="numpy")
-        x = self.handles[file].get_tensor(name)
-        return x if dtype is None else x.astype(dtype)
+        with open(file, "rb") as f:
+            if file not in self.headers:
+                size = int.from_bytes(f.read(8), "little")
+                self.headers[file] = (8 + size, json.loads(f.read(size)))
+            start, header = self.headers[file]
+            info = header[name]
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise MergeError(f"{file}: tensor {name!r} has dtype {info['dtype']}, which merges do not take")
+            x = np.empty(info["shape"], _SAFETENSORS_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            if end - begin != x.nbytes:
+                raise MergeError(f"{file}: tensor {name!r} is truncated or malformed")
+            f.seek(start + begin)
+            f.readinto(memoryview(x.reshape(-1).view(np.uint8)))
+        return x if dtype is None else x.astype(dtype, copy=False)
 
 
 @dataclasses.dataclass
@@ -559,7 +571,7 @@ def merge_folders(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_s
                 per_model,
                 rng,
             )
-            writer.add(name, np.asarray(merged).astype(out_dtype or merged.dtype))
+            writer.add(name, np.asarray(merged).astype(out_dtype or merged.dtype, copy=False))
         writer.close()
 
     cfg = dict(reference.config)
@@ -677,7 +689,7 @@ class _ShardWriter:
     def add(self, name: str, array: np.ndarray) -> None:
         if self.current and self.size + array.nbytes > self.limit:
             self._flush()
-        self.current[name] = np.ascontiguousarray(array)
+        self.current[name] = np.ascontiguousarray(array)  # no copy when already contiguous
         self.size += array.nbytes
 
     def _flush(self) -> None:
