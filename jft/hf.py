@@ -294,8 +294,11 @@ def _weight_map(folder: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{index} names shard {f.name}, which is missing; download it again")
         return files
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        try:
+            with safe_open(single, framework="numpy") as f:
+                return {name: single for name in f.keys()}
+        except Exception as e:  # safetensors' own error type: a truncated or corrupt file
+            raise CheckpointError(f"{single}: not a readable safetensors file ({e}); download or save it again") from e
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(

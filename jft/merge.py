@@ -369,6 +369,7 @@ class MergeError(ValueError):
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source")
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
 _ARCH_KEYS = (
     "model_type",
     "hidden_size",
@@ -431,24 +432,32 @@ class _Model:
     def tensor(self, name: str, dtype) -> np.ndarray:
         """Tensor ``name`` (cast to ``dtype`` unless None), read into a fresh array: no file stays
         mapped into memory, so a merge holds only the tensors it is working on."""
+        shape, stored, file, start, begin = self._info(name)
+        x = np.empty(shape, stored)
+        with open(file, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(memoryview(x.reshape(-1).view(np.uint8))) != x.nbytes:
+                raise MergeError(f"{file}: tensor {name!r} is truncated")
+        return x if dtype is None else x.astype(dtype, copy=False)
+
+    def spec(self, name: str, dtype=None) -> tuple[tuple, np.dtype]:
+        """``(shape, dtype)`` of tensor ``name`` as :meth:`tensor` returns it, from the file header."""
+        shape, stored = self._info(name)[:2]
+        return shape, np.dtype(dtype or stored)
+
+    def _info(self, name: str):
         if name not in self.files:
             raise MergeError(f"model {self.ref}: tensor {name!r} is missing ({self.folder})")
         file = self.files[name]
-        with open(file, "rb") as f:
-            if file not in self.headers:
+        if file not in self.headers:
+            with open(file, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
                 self.headers[file] = (8 + size, json.loads(f.read(size)))
-            start, header = self.headers[file]
-            info = header[name]
-            if info["dtype"] not in _SAFETENSORS_DTYPES:
-                raise MergeError(f"{file}: tensor {name!r} has dtype {info['dtype']}, which merges do not take")
-            x = np.empty(info["shape"], _SAFETENSORS_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            if end - begin != x.nbytes:
-                raise MergeError(f"{file}: tensor {name!r} is truncated or malformed")
-            f.seek(start + begin)
-            f.readinto(memoryview(x.reshape(-1).view(np.uint8)))
-        return x if dtype is None else x.astype(dtype, copy=False)
+        start, header = self.headers[file]
+        info = header[name]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise MergeError(f"{file}: tensor {name!r} has dtype {info['dtype']}, which merges do not take")
+        return tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]], file, start, info["data_offsets"][0]
 
 
 @dataclasses.dataclass
@@ -543,10 +552,14 @@ def merge_folders(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_s
             layer += 1
     plan += [(n, slices[-1], [(s[0], n) for s in slices[-1].sources], 0.0) for n in outer if "embed_tokens" not in n]
 
-    writer = _ShardWriter(out, _parse_size(max_shard_size))
+    layout = []
+    for name, _, inputs, _ in plan:
+        shape, stored = models[inputs[0][0]].spec(inputs[0][1], dtype)
+        layout.append((name, shape, out_dtype or stored))
+    writer = _ShardWriter(out, _parse_size(max_shard_size), layout)
     key = jax.random.key(seed)
     with _filling(out), jax.default_device(jax.local_devices(backend="cpu")[0]):
-        for name, sl, inputs, t in plan:
+        for (name, sl, inputs, t), (_, _, written) in zip(plan, layout, strict=True):
             base = sl.base or base_ref
             tensors = {ref: models[ref].tensor(n, dtype) for ref, n in inputs}
             shapes = {ref: x.shape for ref, x in tensors.items()}
@@ -571,7 +584,7 @@ def merge_folders(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_s
                 per_model,
                 rng,
             )
-            writer.add(name, np.asarray(merged).astype(out_dtype or merged.dtype, copy=False))
+            writer.add(name, np.asarray(merged).astype(written, copy=False))
         writer.close()
 
     cfg = dict(reference.config)
@@ -681,36 +694,61 @@ def _resolve(param, default, scopes, name, t, method, model=None):
 
 
 class _ShardWriter:
-    """Safetensors shards of at most ``limit`` bytes, written as they fill; an index if several."""
+    """Safetensors shards of at most ``limit`` bytes, laid out before anything is computed and
+    written tensor by tensor, so no output tensor waits in memory; an index if several.
+    ``layout``: ``(name, shape, dtype)`` of every output tensor, in the order :meth:`add` gets them."""
 
-    def __init__(self, out: Path, limit: int):
-        self.out, self.limit, self.current, self.size, self.files, self.weight_map = out, limit, {}, 0, [], {}
+    def __init__(self, out: Path, limit: int, layout: list):
+        self.out, self.shards, size = out, [[]], 0
+        for name, shape, dtype in layout:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            if self.shards[-1] and size + nbytes > limit:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), np.dtype(dtype)))
+            size += nbytes
+        self.queue = [entry for shard in self.shards for entry in shard]
+        self.done, self.file, self.files = 0, None, []
 
     def add(self, name: str, array: np.ndarray) -> None:
-        if self.current and self.size + array.nbytes > self.limit:
-            self._flush()
-        self.current[name] = np.ascontiguousarray(array)  # no copy when already contiguous
-        self.size += array.nbytes
-
-    def _flush(self) -> None:
-        from safetensors.numpy import save_file
-
-        file = self.out / f".shard-{len(self.files):05d}.tmp"
-        save_file(self.current, str(file), metadata={"format": "pt"})
-        self.weight_map.update({n: len(self.files) for n in self.current})
-        self.files.append(file)
-        self.current, self.size = {}, 0
+        expected = self.queue[self.done]
+        if (name, array.shape, array.dtype) != expected:
+            raise MergeError(f"internal: got {name} {array.shape} {array.dtype} to write, expected {expected}")
+        if self.file is None:  # the first tensor of the next shard: its header first
+            shard = self.shards[len(self.files)]
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for n, shape, dtype in shard:
+                nbytes = math.prod(shape) * dtype.itemsize
+                header[n] = {
+                    "dtype": _SAFETENSORS_NAMES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
+                offset += nbytes
+            body = json.dumps(header, separators=(",", ":")).encode()
+            body += b" " * (-len(body) % 8)
+            self.files.append(self.out / f".shard-{len(self.files):05d}.tmp")
+            self.file = open(self.files[-1], "wb")  # noqa: SIM115 - closed with the shard's last tensor
+            self.file.write(len(body).to_bytes(8, "little") + body)
+            self.left = len(shard)
+        self.file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+        self.done += 1
+        self.left -= 1
+        if not self.left:
+            self.file.close()
+            self.file = None
 
     def close(self) -> None:
-        if self.current:
-            self._flush()
+        if self.done != len(self.queue):
+            raise MergeError(f"internal: {len(self.queue) - self.done} planned tensors were not written")
         n = len(self.files)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for tmp, name in zip(self.files, names, strict=True):
             os.replace(tmp, self.out / name)
         if n > 1:
-            total = sum((self.out / name).stat().st_size for name in names)
-            body = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in self.weight_map.items()}}
+            total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self.queue)
+            weight_map = {entry[0]: names[i] for i, shard in enumerate(self.shards) for entry in shard}
+            body = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.out / "model.safetensors.index.json").write_text(json.dumps(body, indent=2))
 
 
@@ -789,27 +827,36 @@ def merge_moe(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard
         mode, experts, base, layers, hidden, seed, load_hf, load_tokenizer
     )  # [layers, experts, hidden]
 
-    writer = _ShardWriter(out, _parse_size(max_shard_size))
+    rng = np.random.default_rng(seed)
+
+    def expert_weight(e: dict, name: str, proj: str) -> np.ndarray:
+        raw = sources[e["source_model"]].tensor(name, None)
+        x = raw.astype(np.float32)
+        if e.get("noise_scale"):
+            x = x + rng.normal(0.0, e["noise_scale"], x.shape).astype(np.float32)
+        if proj == "down_proj" and e.get("residual_scale") is not None:
+            x = x * e["residual_scale"]
+        return x.astype(dtype or raw.dtype)
+
+    # (output name, shape, dtype, how to compute it), in writing order.
+    jobs = [
+        (n, *base.spec(n, dtype), lambda n=n: base.tensor(n, dtype))
+        for n in base.files
+        if ".mlp." not in n and not n.endswith("rotary_emb.inv_freq")
+    ]
+    for i in range(layers):
+        for j, e in enumerate(experts):
+            for proj, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+                name = f"model.layers.{i}.mlp.{proj}.weight"
+                shape, stored = sources[e["source_model"]].spec(name, dtype)
+                job = lambda e=e, n=name, p=proj: expert_weight(e, n, p)  # noqa: E731
+                jobs.append((f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight", shape, stored, job))
+        gate = gates[i].astype(dtype or np.float32)
+        jobs.append((f"model.layers.{i}.block_sparse_moe.gate.weight", gate.shape, gate.dtype, lambda g=gate: g))
+    writer = _ShardWriter(out, _parse_size(max_shard_size), [job[:3] for job in jobs])
     with _filling(out):
-        cast = (lambda x: x.astype(dtype)) if dtype else (lambda x: x)  # noqa: E731
-        rng = np.random.default_rng(seed)
-        for name in base.files:
-            if ".mlp." not in name and not name.endswith("rotary_emb.inv_freq"):
-                writer.add(name, cast(base.tensor(name, None)))
-        for i in range(layers):
-            for j, e in enumerate(experts):
-                src = sources[e["source_model"]]
-                for proj, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
-                    raw = src.tensor(f"model.layers.{i}.mlp.{proj}.weight", None)
-                    x = raw.astype(np.float32)
-                    if e.get("noise_scale"):
-                        x = x + rng.normal(0.0, e["noise_scale"], x.shape).astype(np.float32)
-                    if proj == "down_proj" and e.get("residual_scale") is not None:
-                        x = x * e["residual_scale"]
-                    writer.add(
-                        f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight", x.astype(dtype or raw.dtype)
-                    )
-            writer.add(f"model.layers.{i}.block_sparse_moe.gate.weight", gates[i].astype(dtype or np.float32))
+        for name, _, _, compute in jobs:
+            writer.add(name, compute())
         writer.close()
     cfg = {k_: v for k_, v in base.config.items() if k_ not in ("mlp_bias", "attention_bias", "pretraining_tp")}
     cfg.update(

@@ -269,13 +269,28 @@ def test_bad_configs_fail_with_clear_errors(models, tmp_path):
     for expected, config in bad.items():
         with pytest.raises(merge.MergeError, match=re.escape(expected)):
             merge.merge_folders(config, tmp_path / "never")
-    shutil.copytree(models["m0"], tmp_path / "holed")  # a tensor missing halfway through the merge
+    shutil.copytree(models["m0"], tmp_path / "holed")  # a tensor missing: found before anything is written
     tensors = load_file(tmp_path / "holed" / "model.safetensors")
     del tensors["model.layers.2.mlp.up_proj.weight"]
     save_file(tensors, str(tmp_path / "holed" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(merge.MergeError, match=re.escape("model.layers.2.mlp.up_proj.weight' is missing")):
         merge.merge_folders(
-            {**good, "models": [dict(model=str(tmp_path / "holed"), parameters=dict(weight=1.0))]}, tmp_path / "half"
+            {**good, "models": [dict(model=str(tmp_path / "holed"), parameters=dict(weight=1.0))]}, tmp_path / "x"
+        )
+    assert not (tmp_path / "x").exists()
+    with open(tmp_path / "holed" / "model.safetensors", "r+b") as f:  # a truncated file: refused up front
+        f.truncate(f.seek(0, 2) - 1000)
+    with pytest.raises(jft.hf.CheckpointError, match="not a readable safetensors file"):
+        merge.merge_folders(
+            {**good, "models": [dict(model=str(tmp_path / "holed"), parameters=dict(weight=1.0))]}, tmp_path / "x"
+        )
+    shutil.copytree(models["m0"], tmp_path / "odd")  # a misshapen tensor in the last layer: found halfway through
+    tensors = load_file(tmp_path / "odd" / "model.safetensors")
+    tensors["model.layers.3.mlp.up_proj.weight"] = np.ascontiguousarray(tensors["model.layers.3.mlp.up_proj.weight"].T)
+    save_file(tensors, str(tmp_path / "odd" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(merge.MergeError, match=re.escape("'model.layers.3.mlp.up_proj.weight': shapes differ")):
+        merge.merge_folders(
+            {**good, "models": [dict(model=str(tmp_path / "odd"), parameters=dict(weight=1.0))]}, tmp_path / "half"
         )
     assert list((tmp_path / "half").iterdir()) == []  # nothing half-written is left behind
     build_hf_model("llama", tmp_path / "wide", num_hidden_layers=4, hidden_size=32)
