@@ -39,6 +39,9 @@ class Checkpoints:
         manager = self.best if best else self.last
         if step in manager.all_steps():
             return
+        # One asynchronous save at a time: on a pod, two managers saving at once would share
+        # Orbax's cross-host barriers (and fail); a manager already serialises its own saves.
+        (self.last if best else self.best).wait_until_finished()
         state = state.replace(frozen={})
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         manager.save(step, args=args)
