@@ -82,7 +82,7 @@ def sparsify(
     if method == "magnitude":
         if density <= 0 or n == 0:
             return jnp.zeros_like(delta)
-        mask = _top(flat, max(1, int(density * n))).reshape(delta.shape).astype(delta.dtype)
+        mask = top_mask(flat, max(1, int(density * n))).reshape(delta.shape).astype(delta.dtype)
     elif method == "magnitude_outliers":
         target, top = int(density * n), int(gamma * n)
         bottom = max(0, n - target - top)
@@ -113,8 +113,10 @@ def _kth_largest(bits: jax.Array, k: int) -> jax.Array:
     return jax.lax.fori_loop(0, 32, step, (jnp.int32(0), jnp.int32(0x7F800001)))[0]
 
 
-def _top(values: jax.Array, k: int) -> jax.Array:
+def top_mask(values: jax.Array, k: int) -> jax.Array:
     """Mask of exactly ``k`` largest of non-negative ``values`` (ties: lower index first)."""
+    if k <= 0:
+        return jnp.zeros(values.shape, bool)
     if k >= values.size:
         return jnp.ones(values.shape, bool)
     bits = jax.lax.bitcast_convert_type(values, jnp.int32)

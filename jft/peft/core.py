@@ -307,17 +307,11 @@ def _ties(tensors: list, weights: list[float], density: float, majority_sign: st
     """peft's TIES on a list of tensors: keep the ``int(density * n)`` largest |x| of each, elect
     the sign (sum of values: ``total``; of signs: ``frequency``), weight, and average the
     agreeing entries over how many agree."""
-    kept = []
-    for x in tensors:
-        if density < 1:
-            flat = jnp.abs(x).reshape(-1)
-            k = int(density * flat.size)
-            mask = jnp.zeros(flat.size, x.dtype).at[jnp.argsort(-flat, stable=True)[:k]].set(1)
-            x = x * mask.reshape(x.shape)
-        kept.append(x)
-    stacked = jnp.stack(kept)
-    sign = jnp.sign(stacked)
-    total = stacked.sum(0) if majority_sign == "total" else sign.sum(0)
-    agree = sign == jnp.where(total >= 0, 1.0, -1.0)  # elected before weighting, as peft does
-    weighted = stacked * jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * kept[0].ndim)
+    from jft.merge import consensus_mask, top_mask
+
+    if density < 1:
+        tensors = [x * top_mask(jnp.abs(x).reshape(-1), int(density * x.size)).reshape(x.shape) for x in tensors]
+    stacked = jnp.stack(tensors)
+    agree = consensus_mask(stacked, "sum" if majority_sign == "total" else "count")  # before weighting, as peft
+    weighted = stacked * jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * (stacked.ndim - 1))
     return (weighted * agree).sum(0) / jnp.maximum(agree.sum(0), 1.0)
