@@ -128,12 +128,29 @@ def _start(cfg_file: Path, workdir: Path):
     )
 
 
-def _wait_for_checkpoint(workdir: Path, proc, timeout=120):
+def _finished_checkpoints(ckpt: Path) -> list[int]:
+    """Steps Orbax has committed in ``ckpt``. It writes a step into ``<step>.orbax-checkpoint-tmp-*``,
+    adds commit_success.txt and a commit time in _CHECKPOINT_METADATA, then renames it ``<step>``."""
+    steps = []
+    for p in ckpt.iterdir() if ckpt.is_dir() else ():
+        if not p.name.isdigit():
+            continue
+        try:
+            meta = json.loads((p / "_CHECKPOINT_METADATA").read_text())
+            if (p / "commit_success.txt").is_file() and meta.get("commit_timestamp_nsecs"):
+                steps.append(int(p.name))
+        except (OSError, ValueError):  # deleted meanwhile (train.keep_checkpoints)
+            pass
+    return sorted(steps)
+
+
+def _wait_for_checkpoint(workdir: Path, proc, timeout=120) -> int:
+    """Once the run ``proc`` has finished a checkpoint in ``workdir``: its latest finished step."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        steps = [p for p in (workdir / "ckpt").glob("[0-9]*") if p.is_dir()] if (workdir / "ckpt").exists() else []
+        steps = _finished_checkpoints(workdir / "ckpt")
         if steps:
-            return
+            return steps[-1]
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.02)
     raise AssertionError("no checkpoint appeared")
@@ -141,15 +158,25 @@ def _wait_for_checkpoint(workdir: Path, proc, timeout=120):
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     data = write_data(tmp_path / "train.jsonl", n=200)
-    cfg_file = _config_file(tmp_path, data, steps=120, every=10)
-    fit(load_config(cfg_file), tmp_path / "straight")
-    proc = _start(cfg_file, tmp_path / "killed")
-    _wait_for_checkpoint(tmp_path / "killed", proc)
+    total, killed = 120, tmp_path / "killed"
+    cfg_file = _config_file(tmp_path, data, steps=total, every=10)
+    straight = fit(load_config(cfg_file), tmp_path / "straight")
+    assert (straight["resumed_from"], straight["steps_run"]) == (0, total)
+    proc = _start(cfg_file, killed)
+    seen = _wait_for_checkpoint(killed, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "report.json").exists(), "the run finished before it was killed"
-    fit(load_config(cfg_file), tmp_path / "killed")
-    a, b = params_of(tmp_path / "straight"), params_of(tmp_path / "killed")
+    assert not (killed / "report.json").exists(), "the run finished before it was killed"
+    logged = (killed / "metrics.jsonl").stat().st_size
+    report = fit(load_config(cfg_file), killed)
+    # A resume (not a fresh run, which the same seed would end alike): from a checkpoint the killed
+    # process finished, running and logging only the steps after it.
+    assert report["resumed_from"] >= seen > 0
+    assert report["steps_run"] == total - report["resumed_from"]
+    assert json.loads((killed / "report.json").read_text())["resumed_from"] == report["resumed_from"]
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_bytes()[logged:].decode().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(report["resumed_from"] + 2, total + 1, 2))
+    a, b = params_of(tmp_path / "straight"), params_of(killed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
@@ -186,14 +213,26 @@ def test_non_finite_loss_names_the_step(tmp_path):
 
 def test_resume_refuses_a_changed_data_config(tmp_path):
     data = write_data(tmp_path / "train.jsonl")
-    fit(tiny_config(data, train__max_steps=4), tmp_path / "run")
+    run, new = tmp_path / "run", tmp_path / "new"
+    fit(tiny_config(data, train__max_steps=4), run)
     with pytest.raises(TrainingError, match=r"differs in \['data.seq_len'\]"):
-        fit(tiny_config(data, train__max_steps=8, data__seq_len=32), tmp_path / "run")
+        fit(tiny_config(data, train__max_steps=8, data__seq_len=32), run)
+    # Checkpoints under train.checkpoint_dir (a bucket on a pod) are checked against the config saved
+    # beside them, also from a new workdir (a pod host recreated after preemption); nothing is written.
+    with pytest.raises(TrainingError, match=r"differs in \['data.seq_len'\]"):
+        fit(tiny_config(data, train__max_steps=8, data__seq_len=32, train__checkpoint_dir=str(run)), new)
+    assert not new.exists()
+    # Without the config that saved them the checkpoints cannot be checked: refused, not trusted.
+    os.replace(run / "config.json", tmp_path / "config.json")
+    with pytest.raises(TrainingError, match=r"holds a checkpoint \(step 4\) but .*config.json.* is missing"):
+        fit(tiny_config(data, train__max_steps=6, train__checkpoint_dir=str(run)), new)
+    assert not new.exists()
     # A run saved before the schema gained a section resumes: missing keys count as defaults.
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    saved = json.loads((tmp_path / "config.json").read_text())
     del saved["peft"]
-    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
-    assert fit(tiny_config(data, train__max_steps=6), tmp_path / "run")["steps"] == 6
+    (run / "config.json").write_text(json.dumps(saved))
+    report = fit(tiny_config(data, train__max_steps=6), run)
+    assert (report["steps"], report["resumed_from"], report["steps_run"]) == (6, 4, 2)
 
 
 def test_bad_input_fails_before_writing(tmp_path):
@@ -313,7 +352,8 @@ def test_lora_config_exports_a_peft_adapter_and_the_merged_model(hf_base, tmp_pa
     # Resuming with a longer budget continues from the adapter checkpoint.
     more = [*_peft_overrides(folder, data, steps=5), "--config.peft.lora.r=2"]
     assert main(["train", "--config", str(config), "--workdir", str(run), *more]) == 0
-    assert json.loads((run / "report.json").read_text())["steps"] == 5
+    report = json.loads((run / "report.json").read_text())
+    assert (report["steps"], report["resumed_from"], report["steps_run"]) == (5, 3, 2)
     out = tmp_path / "eval.json"
     args = ["eval", "--config", str(config), "--model", str(folder), "--adapter", str(run / "adapter")]
     assert main([*args, "--out", str(out), *overrides]) == 0

@@ -2,9 +2,10 @@
 
 Sections: Config, Tokenizer, Data, Model, Optimizer, Step, Checkpoint, Loop, Export.
 Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/ (Orbax;
-or under ``train.checkpoint_dir``, e.g. a gs:// bucket on a pod), metrics.jsonl, tb/
-(TensorBoard), loss.png, report.json and hf/ (the model).
-Running ``fit`` again on the same workdir resumes from the latest checkpoint. On a pod every
+or under ``train.checkpoint_dir``, e.g. a gs:// bucket on a pod, with a copy of config.json),
+metrics.jsonl, tb/ (TensorBoard), loss.png, report.json and hf/ (the model).
+Running ``fit`` again resumes from the latest checkpoint in the checkpoint root (the workdir or
+``train.checkpoint_dir``), after checking the config against the one saved there. On a pod every
 host runs ``fit`` with the same config (after :func:`jft.sharding.initialize_distributed`);
 process 0 writes the logs and exports.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
 from jft import data as jdata
 from jft import evaluate as jeval
@@ -43,10 +45,13 @@ class TrainingError(RuntimeError):
 
 
 def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Fine-tune as ``config`` says, writing into ``workdir``; resume if it holds a checkpoint.
+    """Fine-tune as ``config`` says, writing into ``workdir``; resume if the checkpoint root holds
+    a checkpoint.
 
     Returns the final report: validation loss and perplexity before and after, generation
-    metrics before and after, steps run, and where the outputs are.
+    metrics before and after, the final step (``steps``), the checkpoint step this call resumed
+    from (``resumed_from``, 0 for a fresh start), the train steps this call ran (``steps_run``),
+    and where the outputs are.
     """
     # ------------------------------------------------------------------ Config
     check(config)
@@ -91,7 +96,12 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
     _log(main, f"data: {train_stats} -> {len(train_rows)} rows of {cfg.data.seq_len}; validation: {val_stats}")
     # Only now, with config, data, tokenizer and model checked, does the run write anything.
-    _check_resume(cfg, workdir)
+    ckpts = Checkpoints(cfg.train.checkpoint_dir or workdir, cfg.train.keep_checkpoints)
+    try:
+        _check_resume(cfg, workdir, ckpts)
+    except Exception:  # refused: release Orbax's managers before the error leaves fit
+        ckpts.close()
+        raise
     if main and not (workdir / "tokenizer").is_dir():  # renamed into place: never seen half-written
         tokenizer.save_pretrained(workdir / ".tokenizer.tmp")
         os.replace(workdir / ".tokenizer.tmp", workdir / "tokenizer")
@@ -141,12 +151,13 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         return generation_report(model, params, tokenizer, val_pairs[: cfg.eval.num_examples], template, cfg.eval)
 
     # ------------------------------------------------------------------ Checkpoint
-    ckpts = Checkpoints(cfg.train.checkpoint_dir or workdir, cfg.train.keep_checkpoints)
     meta = {"best_loss": None, "bad_evals": 0, "before": None}
+    resumed_from = 0
     if ckpts.latest_step is not None:
         state, meta = ckpts.restore(state)  # frozen params come from the model source, not the checkpoint
         batches.restore(meta["data"])
-        _log(main, f"resumed from step {int(state.step)} ({ckpts.directory})")
+        resumed_from = int(state.step)
+        _log(main, f"resumed from step {resumed_from} ({ckpts.directory})")
     else:
         before = validate(state)
         meta["before"] = {**before, **generation_metrics(state)}
@@ -162,13 +173,14 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     pending, last_saved = [], ckpts.latest_step
     progress = _progress(main, int(state.step), total_steps)
-    start, tokens = time.perf_counter(), 0
+    start, tokens, steps_run = time.perf_counter(), 0, 0
     stop_reason = "done"
     try:
         while int(state.step) < total_steps:
             batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in next(batches).items()}
             batch = sharding.put_batch(batch, batch_sharding)
             state, metrics = train_step(state, batch)
+            steps_run += 1
             step = int(state.step)
             pending.append((step, metrics))
             flush = step % cfg.train.log_every == 0 or step == total_steps
@@ -202,11 +214,13 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
     step = int(state.step)
+    ran = {"resumed_from": resumed_from, "steps_run": steps_run}  # proof of what this call did
+    _log(main, f"step {step}: {steps_run} steps run here, resumed from step {resumed_from} (0: a fresh start)")
     if preempted:
         ckpts.close()
         writer.close()
         _log(main, f"{stop_reason} at step {step}; run the same command to resume")
-        return {"status": "preempted", "step": step}
+        return {"status": "preempted", "step": step, **ran}
     save(state)
 
     # ------------------------------------------------------------------ Final evaluation + export
@@ -221,6 +235,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     report = {
         "status": stop_reason,
         "steps": step,
+        **ran,
         "before": meta["before"],
         "after": after,
         "train_data": str(train_stats),
@@ -437,27 +452,44 @@ def _strings(record: dict):
             yield from (m.get("content", "") for m in value if isinstance(m, dict))
 
 
-def _check_resume(cfg, workdir: Path) -> None:
-    """Save the config; on resumption refuse changes that would change what is trained on."""
-    file = workdir / "config.json"
+def _check_resume(cfg, workdir: Path, ckpts: Checkpoints) -> None:
+    """Save the config in the workdir and beside the checkpoints; when the checkpoint root holds a
+    checkpoint, refuse changes that would change what is trained on.
+
+    The saved config checked against is the one beside the checkpoints, so the check also runs
+    when they live under ``train.checkpoint_dir`` (a gs:// bucket) and the workdir is new (a pod
+    host recreated after preemption), and every host of a pod reads the same file.
+    """
+    root = ckpts.directory.parent
+    saved = root / "config.json"
     new = json.loads(to_json(cfg))
-    if file.is_file() and (workdir / "ckpt").is_dir():
+    step = ckpts.latest_step
+    if step is not None:
+        if not saved.exists():
+            raise TrainingError(
+                f"{ckpts.directory} holds a checkpoint (step {step}) but {saved}, the config of the run that "
+                "saved it, is missing, so a resume cannot be checked against it. Put that run's config.json "
+                "back there, or point train.checkpoint_dir (or the workdir) elsewhere for a new run."
+            )
         # A key the saved config lacks (added to the schema since) counts as its default.
-        old = {**_flat(json.loads(to_json(default_config()))), **_flat(json.loads(file.read_text()))}
+        old = {**_flat(json.loads(to_json(default_config()))), **_flat(json.loads(saved.read_text()))}
         changed = sorted(k for k in _flat(new) if _flat(new).get(k) != old.get(k))
         fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME)]
         if fixed:
             raise TrainingError(
-                f"{workdir} holds a run whose config differs in {fixed}; resuming would train on different "
-                "data or model. Use a new workdir, or restore those values."
+                f"{root} holds a run (checkpoint at step {step}) whose config differs in {fixed}; resuming would "
+                "train on different data or model. Use a new workdir (and train.checkpoint_dir), or restore "
+                "those values."
             )
         if changed:
-            print(f"resuming with changed settings: {changed}")
+            _log(jax.process_index() == 0, f"resuming with changed settings: {changed}")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(".config.json.tmp")
-        tmp.write_text(json.dumps(new, indent=2))
-        os.replace(tmp, file)
+        root.mkdir(parents=True, exist_ok=True)
+        for file in {epath.Path(workdir).absolute() / "config.json", saved}:  # one file when root is the workdir
+            tmp = file.with_name(".config.json.tmp")  # renamed into place: never seen half-written
+            tmp.write_text(json.dumps(new, indent=2))
+            tmp.replace(file)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
