@@ -773,6 +773,11 @@ def merge_moe(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard
     norm; ``cheap_embed`` the same from the summed token embeddings (one row for all layers);
     ``random`` normal, ``uniform_random`` U(+-1/sqrt(hidden)), seeded. Prompts are encoded with
     the base's tokenizer, BOS first. Writes a folder transformers loads as Mixtral.
+
+    Differences from mergekit-moe: the base runs in float32 (mergekit-moe always uses
+    bfloat16), and each prompt contributes its own last token (or its own tokens' mean) where
+    mergekit-moe pads an expert's prompts to one length and reads pad positions for the shorter
+    ones. With prompts of one length and float32 the rows agree to 1e-6.
     """
     from jft.hf import _parse_size, _weight_map, load_hf, load_tokenizer, resolve
 
