@@ -31,7 +31,7 @@ def _normalise(text: str) -> str:
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing off), 0-100."""
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 4-grams, exponential smoothing of zero counts), 0-100."""
     import sacrebleu
 
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)

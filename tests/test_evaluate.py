@@ -39,6 +39,46 @@ def test_bleu_and_chrf_bounds():
     assert 0.0 < evaluate.bleu(["Les filles mangent une pomme verte.", refs[1]], refs) < 100.0
 
 
+def test_bleu_hand_computed():
+    # 13a tokenisation splits the final "." off: hypothesis "the the the cat sat ." (6 tokens),
+    # reference "the cat sat on the red mat ." (8). Clipped n-gram matches / hypothesis n-grams:
+    #   1-grams: the (3, clipped to the reference's 2), cat, sat, "."       -> 5/6
+    #   2-grams: "the cat", "cat sat" of 5                                  -> 2/5
+    #   3-grams: "the cat sat" of 4                                         -> 1/4
+    #   4-grams: none of 3; exponential smoothing (the first zero order)    -> 1/(2*3)
+    # brevity penalty exp(1 - 8/6); BLEU = 100 bp (5/6 * 2/5 * 1/4 * 1/6)^(1/4) = 100 e^(-1/3) (1/72)^(1/4)
+    hyp, ref = ["the the the cat sat."], ["the cat sat on the red mat."]
+    assert evaluate.bleu(hyp, ref) == pytest.approx(100 * math.exp(-1 / 3) * (1 / 72) ** 0.25, rel=1e-6)
+    # Corpus level: the counts add up before the precisions are taken (no order is zero then,
+    # so no smoothing), with an exact second pair of 4 tokens: 9/10, 5/8, 3/6, 1/4, bp exp(1 - 12/10).
+    hyp, ref = hyp + ["le chien dort bien"], ref + ["le chien dort bien"]
+    assert evaluate.bleu(hyp, ref) == pytest.approx(100 * math.exp(-0.2) * (9 / 128) ** 0.25, rel=1e-6)
+
+
+def test_chrf_hand_computed():
+    # Whitespace is dropped: "lechat" against "leschats"; character n-grams of orders 1..6:
+    #   order        1     2     3     4     5     6
+    #   hypothesis   6     5     4     3     2     1
+    #   reference    8     7     6     5     4     3
+    #   matches      6     4     2     1     0     0   (le ch ha at; cha hat; chat)
+    # chrF averages precision and recall over the orders, then F-beta with beta = 2.
+    p = (6 / 6 + 4 / 5 + 2 / 4 + 1 / 3 + 0 + 0) / 6
+    r = (6 / 8 + 4 / 7 + 2 / 6 + 1 / 5 + 0 + 0) / 6
+    assert evaluate.chrf(["le chat"], ["les chats"]) == pytest.approx(100 * 5 * p * r / (4 * p + r), rel=1e-6)
+
+
+def test_bleu_and_chrf_are_sacrebleus_corpus_scores():
+    import sacrebleu
+
+    preds = ["Le chat dort.", "Les filles mangent une pomme verte.", "Nous voyons un chien.", "faim ?"]
+    refs = ["Le chat dort bien.", "Les filles mangent une pomme rouge.", "Nous voyons le petit chien.", "J'ai faim !"]
+    assert evaluate.bleu(preds, refs) == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score, rel=1e-12)
+    assert evaluate.chrf(preds, refs) == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score, rel=1e-12)
+    # Corpus scores, not means of sentence scores.
+    sentences = [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(preds, refs, strict=True)]
+    assert abs(evaluate.bleu(preds, refs) - sum(sentences) / len(sentences)) > 1.0
+
+
 def test_rouge_hand_computed():
     same = evaluate.rouge(["le chat dort"], ["le chat dort"])
     assert same == pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "rouge": 100.0})
