@@ -1,6 +1,7 @@
 """Run by tests/test_sharding.py in a fresh process with 8 CPU devices (4 per process for the
 multi-host case); prints JSON results on its last line."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -145,7 +146,8 @@ def fit(data_file: str, workdir: str, steps: str, data: str, fsdp: str, checkpoi
     cfg = tiny_config(data_file, train__max_steps=int(steps), train__batch_size=8, train__checkpoint_dir=checkpoint_dir)
     cfg.mesh.data, cfg.mesh.fsdp = int(data), int(fsdp)
     report = fit(cfg, workdir)
-    return {"loss": report["after"]["loss"], "steps": report["steps"], "processes": jax.process_count()}
+    out = {k: report[k] for k in ("steps", "resumed_from", "steps_run")}
+    return {"loss": report["after"]["loss"], "processes": jax.process_count(), **out}
 
 
 def multihost(process_id: str, port: str, *fit_args: str) -> dict:
@@ -154,8 +156,88 @@ def multihost(process_id: str, port: str, *fit_args: str) -> dict:
     return fit(*fit_args)
 
 
+def peft_shardings() -> dict:
+    """Every method of test_peft.METHODS on a data=2 x fsdp=2 x tensor=2 mesh: each leaf's shape,
+    spec and shard on device 0 as placed by ``jax.device_put``, and a forward of the placed params
+    on the mesh against the same forward on one device."""
+    from test_peft import CFG as PEFT_CFG
+    from test_peft import METHODS
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    base = jft.LlamaForCausalLM(PEFT_CFG)
+    # Weights 5x the init scale (as test_peft's base) so the logits depend on every leaf.
+    params = jax.tree.map(lambda x: 5 * x if x.ndim >= 2 else x, base.init_params(jax.random.key(0)))
+    ids = np.random.default_rng(0).integers(0, PEFT_CFG.vocab_size, (4, 12)).astype(np.int32)
+    noise = np.random.default_rng(1)
+
+    def leaves(tree):
+        out = {}
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            spec = [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+            shard = [s.data.shape for s in x.addressable_shards if s.device == jax.devices()[0]][0]
+            name = "/".join(str(k.key) for k in path)
+            out[name] = {"shape": x.shape, "spec": spec + [None] * (x.ndim - len(spec)), "shard": shard}
+        return out
+
+    models, one_device, placed = [base], [params], [jax.device_put(params, sharding.param_shardings(base, mesh))]
+    for spec in METHODS.values():
+        model, p = peft.inject(base, params, spec, jax.random.key(1))
+        # Nonzero LoRA B, adapter up, ...: every new leaf acts on the logits. Noise from numpy, as
+        # an eager jax.random call per leaf shape would compile hundreds of tiny programs.
+        trains = jax.tree.leaves(peft.labels(p, model.peft))
+        flat, treedef = jax.tree.flatten(p)
+        flat = [
+            x + 0.1 * noise.standard_normal(x.shape, np.float32) if t else x for x, t in zip(flat, trains, strict=True)
+        ]
+        p = jax.tree.unflatten(treedef, flat)
+        models.append(model)
+        one_device.append(p)
+        placed.append(jax.device_put(p, sharding.param_shardings(model, mesh)))
+
+    def forward(on_mesh):  # all models in one program: one compile per side, not one per method
+        def f(ps, x):
+            with sharding.scope(mesh if on_mesh else None):
+                return [m.apply({"params": p}, x) for m, p in zip(models, ps, strict=True)]
+
+        return jax.jit(f)
+
+    base_logits, *ones = forward(False)(one_device, ids)
+    _, *eights = forward(True)(placed, jax.device_put(ids, sharding.batch_sharding(mesh, accum=False)))
+    out = {"base": leaves(placed[0])}
+    for name, p, one, eight in zip(METHODS, placed[1:], ones, eights, strict=True):
+        out[name] = {
+            "leaves": leaves(p),
+            "diff": float(np.abs(np.asarray(one) - np.asarray(eight)).max()),
+            "scale": float(np.abs(np.asarray(one)).max()),
+            "base_diff": float(np.abs(np.asarray(one) - np.asarray(base_logits)).max()),
+            "logits_spec": str(eight.sharding.spec),
+        }
+    return out
+
+
+def step_memory() -> dict:
+    """XLA's per-device memory analysis of the compiled full fine-tuning step (AdamW) of a 16-layer
+    tiny Llama on a data=1 x fsdp=8 mesh, as the trainer builds it, with the bytes of all params."""
+    model = jft.LlamaForCausalLM(dataclasses.replace(CFG, num_hidden_layers=16))
+    mesh = sharding.make_mesh(data=1, fsdp=8)
+    params = model.init_params(jax.random.key(0), sharding.param_shardings(model, mesh))
+    tx, schedule = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
+    state = sharding.on_mesh(
+        TrainState.create(params, jax.tree.map(lambda _: True, params), tx, jax.random.key(2)), mesh
+    )
+    ids = np.zeros((1, 8, 16), np.int32)
+    batch = {k: ids for k in ("input_ids", "targets", "segment_ids", "positions")} | {"loss_weights": ids + 1.0}
+    batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+    step = jax.jit(make_train_step(model, tx, schedule, mesh=mesh), donate_argnums=0)
+    m = step.lower(state, batch).compile().memory_analysis()
+    return {"params": sum(x.nbytes for x in jax.tree.leaves(params)), "args": m.argument_size_in_bytes,
+            "temp": m.temp_size_in_bytes}  # fmt: skip
+
+
 if __name__ == "__main__":
     commands = {"full": run, "lora": run, "qlora": run, "errors": errors, "checkpoint": checkpoint}
     commands.update(fit=fit, multihost=multihost)
+    commands.update(step_memory=step_memory)
+    commands.update(peft_shardings=peft_shardings)
     args = sys.argv[2:] if COMMAND not in ("full", "lora", "qlora") else [COMMAND]
     print(json.dumps(commands[COMMAND](*args)))
