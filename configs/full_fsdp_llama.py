@@ -15,8 +15,11 @@ from jft.config import default_config
 def get_config():
     c = default_config()
     c.model.path = ""  # required: a Hugging Face model folder
-    c.model.dtype = "bfloat16"  # parameters (and optimizer state) in bf16
-    c.model.compute_dtype = "bfloat16"
+    # float32 master weights and Adam moments: at lr 1e-5 bf16 weights would round most updates
+    # away. 12 bytes/param of state (+4 for the gradient), spread over the FSDP devices. For a memory-lean run:
+    # --config.model.dtype=bfloat16 --config.optim.bf16_update=kahan (README, "Precision").
+    c.model.dtype = "float32"
+    c.model.compute_dtype = "bfloat16"  # matmuls and activations in bf16
     c.data.train = ""  # required: training records
     c.data.seq_len = 2048
     c.train.batch_size = 32  # rows per step, split over data x fsdp devices

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import ml_collections
@@ -30,7 +31,9 @@ def default_config() -> ConfigDict:
     c.model = ConfigDict()
     c.model.path = ""  # Hugging Face model folder or hub id; "" = a new model from model.new
     c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16 | float16
-    c.model.compute_dtype = ""  # activation/matmul dtype; "" = model.dtype
+    # activation/matmul dtype: auto = bfloat16 on GPU/TPU, float32 on CPU (no fast bf16 matmuls
+    # there); "" = model.dtype; or float32 | bfloat16 | float16 (resolve_compute_dtype)
+    c.model.compute_dtype = "auto"
     c.model.remat = "nothing_saveable"  # activation checkpointing per layer (see LlamaConfig.remat)
     c.model.quantize = ""  # "" | nf4 | int4: 4-bit frozen linear kernels (QLoRA; needs model.path and PEFT)
     c.model.quantize_skip = ("lm_head",)  # linear modules kept unquantized (embeddings, norms never are)
@@ -135,6 +138,12 @@ def default_config() -> ConfigDict:
     c.optim.eps = 1e-8  # Adam epsilon
     c.optim.momentum = 0.9  # SGD momentum
     c.optim.clip_norm = 1.0  # global gradient norm clip (0 = off)
+    # Adam first moment / SGD momentum: float32 | bfloat16 | "" (= param dtype; = nu_dtype if that is set)
+    c.optim.mu_dtype = "float32"
+    c.optim.nu_dtype = "float32"  # Adam second moment: float32 | bfloat16 (can stall at b2=0.999) | ""
+    # bf16/f16 params only: none (round to nearest: updates under half a bf16 step are lost) |
+    # kahan (+2 bytes/param compensation buffer) | stochastic (bf16; seeded by train.seed)
+    c.optim.bf16_update = "none"
 
     c.eval = ConfigDict()
     c.eval.metrics = ("bleu", "chrf", "rouge", "exact_match")  # generation metrics on validation records
@@ -161,21 +170,69 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{file}: defines no get_config()")
     cfg = module.get_config()
-    check(cfg, str(file))
+    check(cfg, str(file), values=False)
     for item in overrides:
         override(cfg, item)
+    _check_precision(cfg, str(file))  # after the overrides: they may fix what the file sets
     return cfg
 
 
-def check(cfg: ConfigDict, where: str = "config") -> None:
-    """Raise :class:`ConfigError` when ``cfg`` has keys the schema lacks (or lacks some)."""
+def check(cfg: ConfigDict, where: str = "config", values: bool = True) -> None:
+    """Raise :class:`ConfigError` when ``cfg`` has keys the schema lacks (or lacks some), or, with
+    ``values``, dtype settings that are unknown or impossible (warnings for wasteful ones)."""
     ours, schema = _keys(cfg), _keys(default_config())
     unknown, missing = sorted(ours - schema), sorted(schema - ours)
     if unknown:
         raise ConfigError(f"{where}: unknown config keys {unknown}; valid keys: {sorted(schema)}")
     if missing:
         raise ConfigError(f"{where}: missing config keys {missing}; start from jft.config.default_config()")
+    if values:
+        _check_precision(cfg, where)
     cfg.lock()
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_precision(cfg: ConfigDict, where: str) -> None:
+    """Refuse unknown or impossible dtype settings; warn about ones that lose updates or do nothing."""
+    m, o = cfg.model, cfg.optim
+    choices = {
+        "model.dtype": (m.dtype, FLOAT_DTYPES),
+        "model.compute_dtype": (m.compute_dtype, ("auto", "", *FLOAT_DTYPES)),
+        "optim.mu_dtype": (o.mu_dtype, ("", "float32", "bfloat16")),
+        "optim.nu_dtype": (o.nu_dtype, ("", "float32", "bfloat16")),
+        "optim.bf16_update": (o.bf16_update, ("none", "kahan", "stochastic")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{where}: {key}={value!r}; choose one of {valid}")
+    if o.bf16_update != "none" and m.dtype == "float32":  # a warning: overriding model.dtype alone stays easy
+        warnings.warn(
+            f"{where}: optim.bf16_update={o.bf16_update!r} has no effect with model.dtype='float32' (float32 "
+            "params lose no updates); set model.dtype='bfloat16' to save memory, or bf16_update='none'",
+            stacklevel=3,
+        )
+    if o.bf16_update == "stochastic" and m.dtype != "bfloat16":
+        raise ConfigError(f"{where}: optim.bf16_update='stochastic' needs model.dtype='bfloat16'; use 'kahan'")
+    if o.bf16_update == "none" and m.dtype != "float32":
+        warnings.warn(
+            f"{where}: model.dtype={m.dtype!r} with optim.bf16_update='none': updates smaller than half the "
+            "params' spacing (bf16: ~1e-4 at 0.02) are lost; use model.dtype='float32' (with "
+            "compute_dtype='bfloat16') or optim.bf16_update='kahan'",
+            stacklevel=3,
+        )
+
+
+def resolve_compute_dtype(cfg: ConfigDict) -> str:
+    """``model.compute_dtype`` as a dtype name: "auto" = bfloat16 when the default backend is a
+    GPU or TPU and float32 on CPU; "" = ``model.dtype``."""
+    dtype = cfg.model.compute_dtype
+    if dtype == "auto":
+        import jax
+
+        return "bfloat16" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "float32"
+    return dtype or cfg.model.dtype
 
 
 def override(cfg: ConfigDict, item: str) -> None:

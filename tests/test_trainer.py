@@ -230,6 +230,7 @@ def test_resume_refuses_a_changed_data_config(tmp_path):
     # A run saved before the schema gained a section resumes: missing keys count as defaults.
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["peft"]
+    saved["model"]["compute_dtype"] = ""  # before "auto": the params' dtype, float32 here as "auto" is on a CPU
     (run / "config.json").write_text(json.dumps(saved))
     report = fit(tiny_config(data, train__max_steps=6), run)
     assert (report["steps"], report["resumed_from"], report["steps_run"]) == (6, 4, 2)

@@ -26,7 +26,7 @@ from etils import epath
 from jft import data as jdata
 from jft import evaluate as jeval
 from jft import peft, sharding
-from jft.config import ConfigDict, ConfigError, check, default_config, to_json
+from jft.config import ConfigDict, ConfigError, check, default_config, resolve_compute_dtype, to_json
 from jft.hf import load_hf, load_tokenizer, save_hf
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.train import partition
@@ -38,6 +38,7 @@ from jft.train.step import make_eval_step, make_train_step
 # Changing these between a run and its resumption would change what the run trains on.
 PEFT_METHODS = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt")
 _FIXED_ON_RESUME = ("model.", "tokenizer.", "data.", "peft.", "train.seed", "train.batch_size", "train.rules")
+_FIXED_ON_RESUME += ("optim.mu_dtype", "optim.nu_dtype", "optim.bf16_update")  # the optimizer state's layout
 
 
 class TrainingError(RuntimeError):
@@ -129,6 +130,10 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         clip_norm=o.clip_norm or None,
         min_lr_ratio=o.min_lr_ratio,
         masks=masks,
+        mu_dtype=o.mu_dtype or None,
+        nu_dtype=o.nu_dtype or None,
+        bf16_update=o.bf16_update,
+        seed=cfg.train.seed,
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
     eval_sharding = sharding.batch_sharding(mesh, rules, accum=False)
@@ -277,7 +282,7 @@ def evaluate(
     """
     check(config)
     cfg = config
-    model, params = load_hf(model_path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype or None)
+    model, params = load_hf(model_path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg))
     if adapter:
         model, params = peft.load_adapter(model, params, adapter)
     tokenizer = load_tokenizer(model_path)
@@ -386,7 +391,7 @@ def _model(cfg, tokenizer, mesh, rules):
         return load_hf(
             cfg.model.path,
             dtype=cfg.model.dtype,
-            compute_dtype=cfg.model.compute_dtype or None,
+            compute_dtype=resolve_compute_dtype(cfg),
             quantize=cfg.model.quantize or None,
             quantize_skip=tuple(cfg.model.quantize_skip),
             block_size=cfg.model.quant_block_size,
@@ -402,7 +407,7 @@ def _model(cfg, tokenizer, mesh, rules):
         eos_token_id=(tokenizer.eos_token_id,),
         pad_token_id=tokenizer.pad_token_id,
         param_dtype=cfg.model.dtype,
-        dtype=cfg.model.compute_dtype or cfg.model.dtype,
+        dtype=resolve_compute_dtype(cfg),
         **overrides,
     )
     model = LlamaForCausalLM(config)
@@ -473,7 +478,11 @@ def _check_resume(cfg, workdir: Path, ckpts: Checkpoints) -> None:
             )
         # A key the saved config lacks (added to the schema since) counts as its default.
         old = {**_flat(json.loads(to_json(default_config()))), **_flat(json.loads(saved.read_text()))}
-        changed = sorted(k for k in _flat(new) if _flat(new).get(k) != old.get(k))
+        now = _flat(new)
+        # The compute dtype is compared as resolved ("auto" on a CPU is the "" = float32 of older runs).
+        for flat in (old, now):
+            flat["model.compute_dtype"] = _resolved_compute_dtype(flat)
+        changed = sorted(k for k in now if now.get(k) != old.get(k))
         fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME)]
         if fixed:
             raise TrainingError(
@@ -490,6 +499,11 @@ def _check_resume(cfg, workdir: Path, ckpts: Checkpoints) -> None:
             tmp = file.with_name(".config.json.tmp")  # renamed into place: never seen half-written
             tmp.write_text(json.dumps(new, indent=2))
             tmp.replace(file)
+
+
+def _resolved_compute_dtype(flat: dict) -> str:
+    model = ConfigDict({"compute_dtype": flat["model.compute_dtype"], "dtype": flat["model.dtype"]})
+    return resolve_compute_dtype(ConfigDict({"model": model}))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
