@@ -35,6 +35,7 @@ def default_config() -> ConfigDict:
     # there); "" = model.dtype; or float32 | bfloat16 | float16 (resolve_compute_dtype)
     c.model.compute_dtype = "auto"
     c.model.remat = "nothing_saveable"  # activation checkpointing per layer (see LlamaConfig.remat)
+    c.model.loss_chunk = 0  # positions per chunk of the lm_head + cross entropy; 0 = ~64 MiB of logits a chunk
     c.model.quantize = ""  # "" | nf4 | int4: 4-bit frozen linear kernels (QLoRA; needs model.path and PEFT)
     c.model.quantize_skip = ("lm_head",)  # linear modules kept unquantized (embeddings, norms never are)
     c.model.quant_block_size = 64  # values per quantization block

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -26,3 +29,68 @@ def weighted_cross_entropy(logits: Array, targets: Array, weights: Array) -> tup
     target_logit_bt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = weights.astype(jnp.float32)
     return jnp.sum((lse_bt - target_logit_bt) * weights), jnp.sum(weights)
+
+
+# Default chunk: about this many float32 logits (64 MiB) per chunk, so a chunk's logits and their
+# gradient stay small next to the model while each chunk's matmul is still large.
+CHUNK_LOGITS = 2**24
+
+
+def loss_chunk_size(batch: int, length: int, vocab: int, chunk_size: int = 0) -> int:
+    """Sequence positions per chunk: ``chunk_size`` if set, else ``CHUNK_LOGITS / (batch * vocab)``,
+    at most ``length`` and at least 1."""
+    size = chunk_size or CHUNK_LOGITS // max(1, batch * vocab)
+    return max(1, min(length, size))
+
+
+def token_log_probs(
+    hidden: Array, head: Callable, targets: Array, chunk_size: int = 0, rng: Array | None = None
+) -> Array:
+    """``log softmax(head(hidden))[targets]`` as ``[b, t]`` float32, a chunk of positions at a time.
+
+    Args:
+      hidden: ``[b, t, embed]`` final hidden states (``model.apply(..., hidden_only=True)``).
+      head: ``head(h) -> [b, c, vocab]`` logits of a chunk ``h [b, c, embed]`` (e.g.
+        ``lambda h: model.apply(variables, h, method="head")``); with ``rng``, ``head(h, rng)``
+        gets a different key per chunk (dropout in the head).
+      targets: ``[b, t]`` int; ids outside ``[0, vocab)`` are clipped into range (give them weight 0).
+      chunk_size: positions per chunk; 0 sizes it from the vocabulary (:func:`loss_chunk_size`).
+
+    Only one chunk's logits ``[b, chunk, vocab]`` exist at a time: each chunk is checkpointed,
+    so the backward pass recomputes its logits instead of keeping them, and the head's
+    parameter gradients accumulate over the chunks. Values and gradients equal those of the
+    whole row's logits (up to float rounding).
+    """
+    b, t, _ = hidden.shape
+    vocab = jax.eval_shape(lambda h: head(h) if rng is None else head(h, rng), hidden[:, :1]).shape[-1]
+    size = loss_chunk_size(b, t, vocab, chunk_size)
+    n, rest = divmod(t, size)
+    keys = None if rng is None else jax.random.split(rng, n + 1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_log_probs(h, y, key):
+        logits = (head(h) if key is None else head(h, key)).astype(jnp.float32)
+        y = jnp.clip(y, 0, vocab - 1)
+        return jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    def body(carry, xs):
+        return carry, chunk_log_probs(*xs)
+
+    parts = []
+    if n:
+        split = lambda a: jnp.moveaxis(a[:, : n * size].reshape(b, n, size, *a.shape[2:]), 1, 0)  # noqa: E731
+        _, logp_nbc = jax.lax.scan(body, None, (split(hidden), split(targets), None if keys is None else keys[:n]))
+        parts.append(jnp.moveaxis(logp_nbc, 0, 1).reshape(b, n * size))
+    if rest:  # the remainder as one smaller chunk, not padded to a full one
+        parts.append(chunk_log_probs(hidden[:, n * size :], targets[:, n * size :], None if keys is None else keys[n]))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def chunked_cross_entropy(
+    hidden: Array, head: Callable, targets: Array, weights: Array, chunk_size: int = 0, rng: Array | None = None
+) -> tuple[Array, Array]:
+    """:func:`weighted_cross_entropy` of ``head(hidden)`` without the ``[b, t, vocab]`` logits:
+    ``(sum(w * nll), sum(w))`` from :func:`token_log_probs` (same arguments)."""
+    weights = weights.astype(jnp.float32)
+    logp_bt = token_log_probs(hidden, head, targets, chunk_size, rng)
+    return -jnp.sum(logp_bt * weights), jnp.sum(weights)

@@ -280,3 +280,51 @@ def test_a_mixture_of_experts_trains_with_its_load_balancing_loss():
         )
         > 0
     )  # the router learns
+
+
+def test_the_chunked_loss_head_gives_the_whole_rows_loss_and_gradients(model_params):
+    """The step (head in chunks of 5 of 12 positions) against CE of the full logits: same loss and gradients."""
+    model, params = model_params
+    chunked = jft.LlamaForCausalLM(dataclasses.replace(CFG, loss_chunk=5))
+    micro = make_batch(5, 4)
+
+    def reference(params):
+        logits = model.apply({"params": params}, micro["input_ids"], micro["positions"], None, micro["segment_ids"])
+        loss_sum, weight_sum = weighted_cross_entropy(logits, micro["targets"], micro["loss_weights"])
+        return loss_sum / weight_sum
+
+    want_loss, want_grads = jax.value_and_grad(reference)(params)
+    tx = optax.sgd(1.0)  # new params = params - grads
+    step = jax.jit(make_train_step(chunked, tx, lambda _: 1.0))
+    state = TrainState.create(params, jax.tree.map(lambda _: True, params), tx, jax.random.key(1))
+    state, metrics = step(state, {k: v[None] for k, v in micro.items()})
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+    grads = jax.tree.map(lambda old, new: old - new, params, state.trainable)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), grads, want_grads)
+    eval_sums = jax.jit(make_eval_step(chunked))(params, micro)
+    np.testing.assert_allclose(eval_sums["loss_sum"] / eval_sums["weight_sum"], want_loss, rtol=1e-5)
+
+
+def test_the_train_steps_temporaries_hold_a_chunk_of_logits_not_the_row():
+    """XLA's memory analysis of the compiled step at vocab 32768 x 2048 positions: beyond what the same
+    model with a 256-token vocabulary needs (attention), the head adds one chunk's logits (128
+    positions) and their gradient, not the row's 256 MiB of float32 logits."""
+    t, vocab = 2048, 32768
+    row_logits = t * vocab * 4
+
+    def temp_bytes(vocab, loss_chunk):
+        cfg = dataclasses.replace(CFG, vocab_size=vocab, hidden_size=64, num_hidden_layers=1, loss_chunk=loss_chunk)
+        model = jft.LlamaForCausalLM(cfg)
+        tx, schedule = make_optimizer(learning_rate=1e-3, total_steps=10)
+        state = jax.eval_shape(
+            lambda p: TrainState.create(p, jax.tree.map(lambda _: True, p), tx, jax.random.key(0)), model.param_shapes()
+        )
+        batch = {k: jax.ShapeDtypeStruct((1, 1, t), v.dtype) for k, v in make_batch(0, 1).items()}
+        step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+        return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+    base = temp_bytes(256, 128)
+    whole_row = temp_bytes(vocab, t) - base  # one chunk of the whole row: the head as computed before
+    chunked = temp_bytes(vocab, 128) - base
+    assert whole_row > row_logits, (whole_row, row_logits)
+    assert chunked < row_logits / 4, (chunked, row_logits)

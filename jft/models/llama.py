@@ -73,6 +73,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "nothing_saveable"  # activation checkpointing policy of each layer
+    loss_chunk: int = 0  # sequence positions per chunk of the loss head; 0: sized from the vocab
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -85,6 +86,8 @@ class LlamaConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not supported; use one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: sized from the vocabulary)")
         if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.num_local_experts} (the experts)"
@@ -400,7 +403,8 @@ class LlamaForCausalLM(nn.Module):
     mask, segments or cache); ``attention_mask [b, t]`` (1 = real token, 0 = padding);
     ``segment_ids [b, t]`` (packed rows: tokens attend only inside their segment);
     ``cache`` a :class:`KVCache` for incremental decoding; ``last_only`` computes the logits
-    of the last position alone (``[b, 1, vocab]``), as the prefill of generation needs.
+    of the last position alone (``[b, 1, vocab]``), as the prefill of generation needs;
+    ``hidden_only`` returns the final hidden states ``[b, t, embed]`` instead of logits (see :meth:`head`).
     """
 
     config: LlamaConfig
@@ -424,17 +428,34 @@ class LlamaForCausalLM(nn.Module):
                 peft=self.peft.linear("lm_head"),
             )
 
-    def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None, cache=None, last_only=False):
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        attention_mask=None,
+        segment_ids=None,
+        cache=None,
+        last_only=False,
+        hidden_only=False,
+    ):
         x, new_cache = self.model(input_ids, positions, attention_mask, segment_ids, cache)
+        if hidden_only:  # the final (normed) hidden states [b, t, embed]; losses apply head() chunk by chunk
+            return x if cache is None else (x, new_cache)
         if last_only:
             x = x[:, -1:]
+        logits = self.head(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def head(self, x):
+        """Float32 logits ``[b, t, vocab]`` of final hidden states ``x [b, t, embed]``: the lm_head
+        (with its PEFT and 4-bit kernel, if any) or the transposed input embeddings when tied.
+        ``model.apply(variables, x, method="head")``; :mod:`jft.losses` calls it a chunk at a time."""
         if self.config.tie_word_embeddings:
             emb = self.model.embed_tokens.embedding
             logits = jnp.matmul(x, emb.T.astype(x.dtype), preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
-        logits = constrain(logits, ("batch", None, "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        return constrain(logits, ("batch", None, "vocab"))
 
     def init_params(self, rng: Array, shardings: Any = None) -> dict:
         """Random parameters (plain arrays, no logical-axis boxes), normal(0.02) like HF.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jft import sharding
-from jft.losses import weighted_cross_entropy
+from jft.losses import chunked_cross_entropy
 from jft.models.llama import moe_aux_loss
 from jft.train import partition
 from jft.train.state import TrainState
@@ -48,6 +48,10 @@ def make_train_step(
     traced in :func:`jft.sharding.scope` (activation sharding constraints from ``rules``); the
     shardings of the state and batch passed in decide where everything else lives.
 
+    The loss head runs in chunks of positions (:func:`jft.losses.chunked_cross_entropy`, chunk
+    ``model.config.loss_chunk``), so no ``[micro_batch, seq_len, vocab]`` float32 logits are held;
+    the backward pass recomputes each chunk's logits.
+
     For a mixture-of-experts model the loss adds ``router_aux_loss_coef`` times the
     load-balancing loss (:func:`jft.models.llama.moe_aux_loss`), as transformers' Mixtral does.
 
@@ -58,6 +62,7 @@ def make_train_step(
     """
 
     experts = getattr(model.config, "num_local_experts", 0)
+    head = _head(model)
 
     def loss_sums(trainable, frozen, micro, rng):
         with sharding.scope(mesh, rules):
@@ -66,11 +71,19 @@ def make_train_step(
                 micro["input_ids"],
                 positions=micro["positions"],
                 segment_ids=micro["segment_ids"],
+                hidden_only=True,
                 rngs={"dropout": rng},
                 mutable=["router"] if experts else False,
             )
-        logits = out[0] if experts else out
-        loss_sum, weight_sum = weighted_cross_entropy(logits, micro["targets"], micro["loss_weights"])
+            hidden = out[0] if experts else out
+            loss_sum, weight_sum = chunked_cross_entropy(
+                hidden,
+                head(partition.merge(trainable, frozen)),
+                micro["targets"],
+                micro["loss_weights"],
+                getattr(model.config, "loss_chunk", 0),
+                jax.random.fold_in(rng, 1),
+            )
         if experts:  # Mixtral: + coef * load-balancing loss, weighted like the tokens
             aux = moe_aux_loss(out[1]["router"], experts)
             loss_sum = loss_sum + model.config.router_aux_loss_coef * aux * weight_sum
@@ -128,14 +141,33 @@ def make_eval_step(
 
     def eval_step(params: Mapping, batch: Batch) -> dict:
         with sharding.scope(mesh, rules):
-            logits = model.apply(
+            hidden = model.apply(
                 {"params": params},
                 batch["input_ids"],
                 positions=batch["positions"],
                 segment_ids=batch["segment_ids"],
+                hidden_only=True,
             )
-        loss_sum, weight_sum = weighted_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+            loss_sum, weight_sum = chunked_cross_entropy(
+                hidden,
+                _head(model)(params),
+                batch["targets"],
+                batch["loss_weights"],
+                getattr(model.config, "loss_chunk", 0),
+            )
         tokens = jnp.sum(batch["loss_weights"] > 0, dtype=jnp.int32)
         return {"loss_sum": loss_sum, "weight_sum": weight_sum, "tokens": tokens}
 
     return eval_step
+
+
+def _head(model: Any) -> Callable:
+    """``head(params)`` -> the loss head's ``f(h [b, c, embed], rng=None) -> [b, c, vocab]`` logits."""
+
+    def head(params):
+        def logits(h, rng=None):
+            return model.apply({"params": params}, h, method="head", rngs=None if rng is None else {"dropout": rng})
+
+        return logits
+
+    return head

@@ -386,7 +386,7 @@ def _tokenizer(cfg, workdir: Path, train_pairs):
 
 
 def _model(cfg, tokenizer, mesh, rules):
-    overrides = dict(remat=cfg.model.remat)
+    overrides = dict(remat=cfg.model.remat, loss_chunk=cfg.model.loss_chunk)
     if cfg.model.path:
         return load_hf(
             cfg.model.path,
