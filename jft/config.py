@@ -36,6 +36,10 @@ def default_config() -> ConfigDict:
     c.model.compute_dtype = "auto"
     c.model.remat = "nothing_saveable"  # activation checkpointing per layer (see LlamaConfig.remat)
     c.model.loss_chunk = 0  # positions per chunk of the lm_head + cross entropy; 0 = ~64 MiB of logits a chunk
+    # attention implementation: auto = Pallas splash on TPU, cuDNN flash on GPU, chunked XLA
+    # elsewhere; or xla (whole scores, quadratic memory) | chunked | splash | cudnn (jft.models.attention)
+    c.model.attention = "auto"
+    c.model.attention_chunk = 512  # tokens per block of the chunked attention (memory ~ block x length)
     c.model.quantize = ""  # "" | nf4 | int4: 4-bit frozen linear kernels (QLoRA; needs model.path and PEFT)
     c.model.quantize_skip = ("lm_head",)  # linear modules kept unquantized (embeddings, norms never are)
     c.model.quant_block_size = 64  # values per quantization block

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 import jft  # noqa: E402
 from jft import peft, sharding  # noqa: E402
+from jft.models.layers import segment_positions  # noqa: E402
 from jft.train import TrainState, make_optimizer, make_train_step  # noqa: E402
 from jft.train.checkpoint import Checkpoints  # noqa: E402
 
@@ -234,10 +235,35 @@ def step_memory() -> dict:
             "temp": m.temp_size_in_bytes}  # fmt: skip
 
 
+def kernel_on_mesh() -> dict:
+    """Splash attention (interpret mode) inside a 2x2x2 mesh's train step, run per device through
+    shard_map, against whole-score attention on one device: losses of three steps, packed rows."""
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    tx, schedule = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
+    ids = np.random.default_rng(0).integers(3, CFG.vocab_size, (1, 4, 129)).astype(np.int32)
+    seg = np.ones((1, 4, 128), np.int32)
+    seg[:, :2, 50:] = 2
+    seg[:, :2, 120:] = 0
+    batch = {"input_ids": ids[..., :-1], "targets": ids[..., 1:], "loss_weights": (seg != 0).astype(np.float32),
+             "segment_ids": seg, "positions": np.asarray(segment_positions(seg[0]))[None]}  # fmt: skip
+    losses = []
+    for attention, on in (("xla", None), ("splash", mesh)):
+        model = jft.LlamaForCausalLM(dataclasses.replace(CFG, attention=attention, attention_chunk=64))
+        params = model.init_params(jax.random.key(0), None if on is None else sharding.param_shardings(model, on))
+        state = TrainState.create(params, jax.tree.map(lambda _: True, params), tx, jax.random.key(2))
+        step = jax.jit(make_train_step(model, tx, schedule, mesh=on))
+        run_batch = batch if on is None else sharding.put_batch(batch, sharding.batch_sharding(on))
+        losses.append([])
+        for _ in range(3):
+            state, metrics = step(state, run_batch)
+            losses[-1].append(float(metrics["loss"]))
+    return {"losses": losses}
+
+
 if __name__ == "__main__":
     commands = {"full": run, "lora": run, "qlora": run, "errors": errors, "checkpoint": checkpoint}
     commands.update(fit=fit, multihost=multihost)
     commands.update(step_memory=step_memory)
-    commands.update(peft_shardings=peft_shardings)
+    commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh)
     args = sys.argv[2:] if COMMAND not in ("full", "lora", "qlora") else [COMMAND]
     print(json.dumps(commands[COMMAND](*args)))

@@ -201,3 +201,12 @@ def test_a_compiled_fsdp8_step_never_holds_the_whole_models_gradients():
     result = worker("step_memory")
     assert result["args"] < 0.4 * result["params"]
     assert result["temp"] < 0.5 * result["params"]
+
+
+def test_an_attention_kernel_runs_per_device_inside_a_meshs_train_step():
+    """A kernel is opaque to XLA's partitioner, so jft runs it through shard_map over the batch and
+    head axes: splash (interpret mode) on a 2x2x2 mesh trains like whole scores on one device."""
+    (one, mesh) = worker("kernel_on_mesh")["losses"]
+    for a, b in zip(one, mesh, strict=True):
+        assert abs(a - b) < 1e-5 * max(1.0, abs(a))
+    assert one[2] < one[0]  # it trains

@@ -284,6 +284,7 @@ def test_partial_config_on_a_hugging_face_folder_then_jft_eval(hf_model_dir, tmp
         """--config.train.rules=(("model/layers/1/.*", "trainable"), (".*", "frozen"))""",
     ]
     assert main(["train", "--config", str(config), "--workdir", str(tmp_path / "run"), *overrides]) == 0
+    assert "attention: chunked XLA flash attention (512-token blocks)" in capsys.readouterr().out  # the run log says
     trained = jft.load_hf(tmp_path / "run" / "hf")[1]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     base = params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     np.testing.assert_array_equal(trained[0], base[0])

@@ -1,4 +1,4 @@
-"""Building blocks shared by the decoder families: Linear, RMSNorm, RoPE, attention, KV cache.
+"""Building blocks shared by the decoder families: Linear, RMSNorm, RoPE, KV cache (attention: attention.py).
 
 Every parameter is created with logical axis names (``embed``, ``mlp``, ``heads``,
 ``kv_heads``, ``head_dim``, ``vocab``; ``layers`` is added by the layer scan) so that
@@ -22,10 +22,6 @@ from jft.models.peft_spec import Adapter, LinearPeft
 from jft.quant import QuantizedWeight, dequantize, dequantize_t
 
 Array = jax.Array
-
-# A large finite negative instead of -inf: a query that may attend to nothing (a padding
-# position) then gets a uniform distribution instead of NaN.
-MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 default_init = nn.initializers.normal(stddev=0.02)
 
@@ -309,41 +305,6 @@ def apply_rope(x_bthd: Array, cos: Array, sin: Array) -> Array:
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_bthd.dtype)
-
-
-# ---------------------------------------------------------------------------- attention
-
-
-def attention(q_bthd: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
-    """Grouped-query attention over one or more key/value blocks; scores and softmax in float32.
-
-    q: ``[batch, t, heads, head_dim]``; each block is ``(k, v, mask)`` with k, v
-    ``[batch, kv_heads, s, head_dim]`` (the layout in which the per-head matmuls read
-    contiguous memory) and mask ``[batch, t, s]`` bool (True = may attend).
-    The softmax runs over the keys of all blocks together, so a KV cache and the new tokens
-    are attended to without writing the new keys into the cache first.
-    Returns ``[batch, t, heads * head_dim]``.
-    """
-    b, t, h, d = q_bthd.shape
-    kv = blocks[0][0].shape[1]
-    g = h // kv
-    # Fold the query groups into the query axis: per (batch, kv head) one [g*t, d] x [d, s]
-    # matmul, which XLA runs without transposing the (large) keys and values.
-    q = q_bthd.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    batch_dims = ((0, 1), (0, 1))
-    scores = []
-    for k, _, mask in blocks:
-        s = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32)
-        s = s.reshape(b, kv, g, t, -1) * (d**-0.5)
-        scores.append(jnp.where(mask[:, None, None], s, MASK_VALUE))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).reshape(b, kv, g * t, -1)
-    out, start = 0.0, 0
-    for k, v, _ in blocks:
-        p = probs[..., start : start + k.shape[2]].astype(v.dtype)
-        out = out + jax.lax.dot_general(p, v, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)
-        start += k.shape[2]
-    out = out.astype(q_bthd.dtype).reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4)
-    return out.reshape(b, t, h * d)
 
 
 def segment_positions(segment_ids: Array) -> Array:

@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from jft.models.attention import Visibility, attention
 from jft.models.layers import (
     Bottleneck,
     KVCache,
     Linear,
     RMSNorm,
     apply_rope,
-    attention,
     default_init,
     rope_angles,
     rope_inv_freq,
@@ -74,6 +75,8 @@ class LlamaConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "nothing_saveable"  # activation checkpointing policy of each layer
     loss_chunk: int = 0  # sequence positions per chunk of the loss head; 0: sized from the vocab
+    attention: str = "auto"  # auto|xla|chunked|splash|cudnn (jft.models.attention)
+    attention_chunk: int = 512  # tokens per block of the chunked attention
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -86,6 +89,10 @@ class LlamaConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not supported; use one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention_chunk < 1:
+            raise ValueError(f"attention_chunk={self.attention_chunk} must be >= 1")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: sized from the vocabulary)")
         if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
@@ -128,7 +135,7 @@ class Attention(nn.Module):
     peft: Peft = Peft()
 
     @nn.compact
-    def __call__(self, x, cos, sin, masks, kv_cache, prefix_kv):
+    def __call__(self, x, cos, sin, visibility, window, kv_cache, prefix_kv):
         cfg = self.config
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
@@ -146,15 +153,16 @@ class Attention(nn.Module):
             q, k = norm("q_norm")(q), norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, head_dim]
-        blocks = [(k, v, masks[0])]
+        blocks = [(k, v, visibility[0])]
         if kv_cache is not None:  # earlier tokens; the caller writes the new k, v into the cache
-            blocks.insert(0, (kv_cache[0].astype(dt), kv_cache[1].astype(dt), masks[1]))
+            blocks.insert(0, (kv_cache[0].astype(dt), kv_cache[1].astype(dt), visibility[1]))
         if prefix_kv is not None:  # prefix tuning: [n, kv_heads, head_dim] keys and values, seen by all
             pk, pv = (
                 jnp.broadcast_to(p.transpose(1, 0, 2)[None].astype(dt), (b, kv) + p.shape[:1] + (d,)) for p in prefix_kv
             )
-            blocks.insert(0, (pk, pv, jnp.ones((b, t, pk.shape[2]), bool)))
-        out = attention(q, blocks)
+            blocks.insert(0, (pk, pv, Visibility(always=True)))
+        windows = tuple(int(w) for w in sorted(set(cfg.layer_windows.tolist())))
+        out = attention(q, blocks, window, windows=windows, impl=cfg.attention, chunk=cfg.attention_chunk)
         return proj("o_proj", cfg.hidden_size, ("heads", "embed"), cfg.attention_bias)(out), (k, v)
 
 
@@ -262,15 +270,14 @@ class DecoderLayer(nn.Module):
     peft: Peft = Peft()
 
     @nn.compact
-    def __call__(self, x, cos, sin, masks, distances, phm_rule, xs):
+    def __call__(self, x, cos, sin, visibility, phm_rule, xs):
         cfg, adapter = self.config, self.peft.adapter
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         window, kv_cache, prefix_kv = xs
         self.sow("intermediates", "hidden", x)  # this layer's input (HF's hidden_states[layer]); kept only if asked
-        masks = [m & (dist < window)[None] for m, dist in zip(masks, distances, strict=True)]
         norm = lambda n: RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name=n)  # noqa: E731
         attn = Attention(cfg, self.peft, name="self_attn")
-        h, new_kv = attn(norm("input_layernorm")(x), cos, sin, masks, kv_cache, prefix_kv)
+        h, new_kv = attn(norm("input_layernorm")(x), cos, sin, visibility, window, kv_cache, prefix_kv)
         if adapter is not None and adapter.kind == "houlsby":
             h = Bottleneck(adapter, dt, pdt, name="attn_adapter")(h, phm_rule)
         x = x + h
@@ -309,7 +316,7 @@ class Decoder(nn.Module):
             layer,
             variable_axes={"params": 0, "intermediates": 0, "router": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * 5 + (0,),
+            in_axes=(nn.broadcast,) * 4 + (0,),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, peft)
@@ -345,22 +352,25 @@ class Decoder(nn.Module):
             valid = jnp.concatenate([jnp.ones((b, n_prompt), bool), valid], 1)
             if segment_ids is not None:
                 segment_ids = jnp.concatenate([jnp.full((b, n_prompt), -1, segment_ids.dtype), segment_ids], 1)
-        # Masks [b, t, keys] and index distances [t, keys] for the new tokens, then the cache.
-        new_idx = jnp.arange(n_prompt + t)
-        masks = [(new_idx[None, :] <= new_idx[:, None])[None] & valid[:, None, :]]
-        distances = [new_idx[:, None] - new_idx[None, :]]
-        if segment_ids is not None:
-            masks[0] &= (segment_ids[:, :, None] == segment_ids[:, None, :]) | (new_idx < n_prompt)[None, None, :]
+        # Which keys each new token sees (causal in stream index, segments, padding), then the cache.
+        padded = attention_mask is not None
+        visibility = [
+            Visibility(
+                q_seg=segment_ids,
+                k_seg=segment_ids,
+                k_valid=valid if padded else None,
+                shared=bool(n_prompt) and segment_ids is not None,  # virtual tokens: segment -1, seen by all
+            )
+        ]
         kv_cache = None
         if not first_call:  # cached slots all precede the new tokens
-            masks.append(jnp.broadcast_to(cache.mask[:, None, :], (b, t, cache.length)))
-            distances.append(cache.index + new_idx[:, None] - jnp.arange(cache.length)[None, :])
+            visibility.append(Visibility(q_pos=cache.index + jnp.arange(t), k_valid=cache.mask))
             kv_cache = (cache.k, cache.v)
         cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_size, cfg.rope_theta, _dict(cfg.rope_scaling)))
         prefix_kv = self.prefix() if peft.prefix is not None else None
         phm_rule = self.phm_rule if peft.adapter is not None and peft.adapter.phm_dim else None
         xs = (jnp.asarray(cfg.layer_windows), kv_cache, prefix_kv)
-        x, (k, v) = self.layers(x, cos, sin, masks, distances, phm_rule, xs)
+        x, (k, v) = self.layers(x, cos, sin, visibility, phm_rule, xs)
         if cache is not None:
             cache = cache.write(k, v, valid)
         return self.norm(x[:, n_prompt:]), cache

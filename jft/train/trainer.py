@@ -28,6 +28,7 @@ from jft import evaluate as jeval
 from jft import peft, sharding
 from jft.config import ConfigDict, ConfigError, check, default_config, resolve_compute_dtype, to_json
 from jft.hf import load_hf, load_tokenizer, save_hf
+from jft.models import attention as attention_lib
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.train import partition
 from jft.train.checkpoint import Checkpoints
@@ -114,6 +115,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     else:
         labels = partition.labels(params, cfg.train.rules, num_layers)
     _log(main, partition.summary(params, labels))
+    _log(main, f"attention: {attention_lib.describe(cfg.model.attention, cfg.model.attention_chunk)}")
     masks = partition.layer_masks(partition.split(params, labels)[0], labels)  # partly frozen layer stacks
     o = cfg.optim
     tx, schedule = make_optimizer(
@@ -386,7 +388,12 @@ def _tokenizer(cfg, workdir: Path, train_pairs):
 
 
 def _model(cfg, tokenizer, mesh, rules):
-    overrides = dict(remat=cfg.model.remat, loss_chunk=cfg.model.loss_chunk)
+    overrides = dict(
+        remat=cfg.model.remat,
+        loss_chunk=cfg.model.loss_chunk,
+        attention=cfg.model.attention,
+        attention_chunk=cfg.model.attention_chunk,
+    )
     if cfg.model.path:
         return load_hf(
             cfg.model.path,
