@@ -134,6 +134,7 @@ def bench_jft(ids: np.ndarray, steps: int) -> dict:
     also the bytes of the trainable, frozen and optimizer-state trees."""
     from jft import peft
     from jft.models.llama import LlamaConfig, LlamaForCausalLM
+    from jft.objectives import token_loss
     from jft.train import optim
     from jft.train import step as step_lib
     from jft.train.state import TrainState
@@ -151,7 +152,7 @@ def bench_jft(ids: np.ndarray, steps: int) -> dict:
         frozen_bytes=tree_bytes(state.frozen),
         opt_bytes=tree_bytes(state.opt_state),
     )
-    step = jax.jit(step_lib.make_train_step(model, tx, schedule), donate_argnums=0)
+    step = jax.jit(step_lib.make_train_step(token_loss(model), tx, schedule), donate_argnums=0)
     b, t = ids.shape[0], ids.shape[1] - 1
     batch = {
         "input_ids": ids[None, :, :-1],

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 import jft
 from jft.losses import chunked_cross_entropy, loss_chunk_size
+from jft.objectives import token_loss
 from jft.train import TrainState, make_optimizer, make_train_step
 
 MiB = 2**20
@@ -48,7 +49,7 @@ def temp_bytes(vocab: int, seq: int, loss_chunk: int) -> int:
     )
     keys = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
     batch = {k: jax.ShapeDtypeStruct((1, 1, seq), jnp.float32 if k == "loss_weights" else jnp.int32) for k in keys}
-    step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule), donate_argnums=0)
     return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
 

@@ -21,8 +21,10 @@ import jax
 import numpy as np
 
 import jft
+from jft import partition
 from jft.config import load_config
-from jft.train import TrainState, make_optimizer, make_train_step, partition
+from jft.objectives import token_loss
+from jft.train import TrainState, make_optimizer, make_train_step
 
 FSDP = Path(__file__).resolve().parent.parent / "configs" / "full_fsdp_llama.py"
 # name: (param dtype, compute dtype, mu dtype, nu dtype, bf16_update); None = the param dtype
@@ -67,7 +69,7 @@ def run(setting, steps: int, batch: dict):
         nu_dtype=nu,
         bf16_update=update,
     )
-    step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule), donate_argnums=0)
     start = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
     state = TrainState.create(params, labels, tx, jax.random.key(1))
     for _ in range(steps):

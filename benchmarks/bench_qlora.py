@@ -64,6 +64,7 @@ def child(folder: str, quantize: str, compute: str, batch: int, seq: int, steps:
 
     import jft
     from jft import peft, quant
+    from jft.objectives import token_loss
     from jft.train import TrainState, make_optimizer, make_train_step
 
     jnp.zeros(1).block_until_ready()  # the runtime itself is part of the baseline
@@ -85,7 +86,7 @@ def child(folder: str, quantize: str, compute: str, batch: int, seq: int, steps:
     tx, schedule = make_optimizer(learning_rate=1e-4, total_steps=1000, clip_norm=None)
     state = TrainState.create(params, peft.labels(params, model.peft), tx, jax.random.key(1))
     del params
-    step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule), donate_argnums=0)
     ids = np.random.RandomState(0).randint(3, model.config.vocab_size, (batch, seq + 1)).astype(np.int32)
     batch_ = {
         "input_ids": ids[None, :, :-1],

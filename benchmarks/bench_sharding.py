@@ -7,7 +7,7 @@ Part 1 (allocated and run): a random 125M Llama (vocab 32000, hidden 768, MLP 20
 tensor=1 mesh. Params are created sharded (`model.init_params(rng, shardings)`), the TrainState as
 the trainer makes it (optimizer state sharded like its params); the bytes of the shards on device 0
 are summed and compared with N=1 bytes / N ("computed": the same from shapes). One train step
-(batch 8 x 128 tokens, `jax.jit(make_train_step(..., mesh=mesh), donate_argnums=0)` as the trainer
+(batch 8 x 128 tokens, `jax.jit(make_train_step(token_loss(model, mesh=mesh), ...), donate_argnums=0)` as the trainer
 builds it) is compiled and run. Printed per N: XLA's per-device memory analysis of the compiled step
 (arguments, outputs, aliased = donated outputs written over their inputs, temporaries; total =
 arguments + outputs - aliased + temporaries) and the collectives in its optimized HLO (all-reduce,
@@ -40,6 +40,7 @@ import optax  # noqa: E402
 
 import jft  # noqa: E402
 from jft import sharding  # noqa: E402
+from jft.objectives import token_loss  # noqa: E402
 from jft.train import TrainState, make_optimizer, make_train_step  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
@@ -131,7 +132,7 @@ def abstract_state(model, mesh, tx) -> TrainState:
 
 
 def compile_step(model, mesh, state, batch, tx, schedule):
-    step = jax.jit(make_train_step(model, tx, schedule, mesh=mesh), donate_argnums=0)
+    step = jax.jit(make_train_step(token_loss(model, mesh=mesh), tx, schedule), donate_argnums=0)
     return step.lower(state, batch).compile()
 
 

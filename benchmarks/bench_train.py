@@ -24,7 +24,9 @@ from shapes import LLAMA_30M
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import jft
-from jft.train import TrainState, make_optimizer, make_train_step, partition
+from jft import partition
+from jft.objectives import token_loss
+from jft.train import TrainState, make_optimizer, make_train_step
 
 SIZE = LLAMA_30M
 
@@ -90,7 +92,7 @@ def main():
     labels = partition.labels(params, partition.FULL)
     tx, schedule = make_optimizer(name="adamw", learning_rate=1e-4, total_steps=1000, clip_norm=None)
     state = TrainState.create(params, labels, tx, jax.random.key(0))
-    step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule), donate_argnums=0)
     batch = {
         "input_ids": ids[None, :, :-1].astype(np.int32),
         "targets": ids[None, :, 1:].astype(np.int32),

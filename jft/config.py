@@ -27,6 +27,11 @@ class ConfigError(ValueError):
 def default_config() -> ConfigDict:
     """Every field jft reads, with its default. Config files start from this."""
     c = ConfigDict()
+    # the objective (jft.objectives.TASKS): sft = next-token cross entropy on instruction, chat or
+    # raw-text records (continued pretraining included); reward = a Bradley-Terry reward model on
+    # {"prompt", "chosen", "rejected"} pairs (data.seq_len bounds each side); dpo = direct
+    # preference optimization (or a variant, dpo.loss) on the same pairs
+    c.task = "sft"
 
     c.model = ConfigDict()
     c.model.path = ""  # Hugging Face model folder or hub id; "" = a new model from model.new
@@ -155,6 +160,18 @@ def default_config() -> ConfigDict:
     c.eval.num_examples = 64  # validation records scored by generation (0 = none)
     c.eval.max_new_tokens = 64  # tokens generated per example
     c.eval.batch_size = 16  # prompts per generation batch
+
+    c.reward = ConfigDict()  # task = "reward"
+    # weight of (r_chosen + r_rejected)^2, which centres the rewards on 0 (trl's center_rewards_coefficient)
+    c.reward.center_coef = 0.0
+
+    c.dpo = ConfigDict()  # task = "dpo" (jft.objectives.preference_losses)
+    # sigmoid (DPO) | ipo | hinge | robust | sigmoid_norm (length-normalised DPO) | simpo | orpo
+    c.dpo.loss = "sigmoid"
+    c.dpo.beta = 0.1  # strength of the pull towards the reference (simpo: the reward scale)
+    c.dpo.label_smoothing = 0.0  # assumed share of flipped labels (sigmoid: conservative DPO; robust)
+    c.dpo.gamma = 0.5  # simpo's target reward margin (gamma / beta ratio, as trl's simpo_gamma)
+    c.dpo.orpo_lambda = 0.1  # orpo: weight of the odds-ratio term beside the chosen NLL
 
     c.export = ConfigDict()
     c.export.hf = True  # write the fine-tuned model as a Hugging Face folder into workdir/hf

@@ -86,6 +86,8 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> LlamaC
         n, first = hf["num_hidden_layers"], hf.get("max_window_layers", hf["num_hidden_layers"])
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     eos = hf.get("eos_token_id")
+    classifier = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ())
+    num_labels = (hf.get("num_labels") or len(hf.get("id2label") or {}) or 2) if classifier else 0
     kw = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -112,6 +114,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> LlamaC
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         pad_token_id=hf.get("pad_token_id"),
+        num_labels=num_labels,
     )
     return LlamaConfig(**{**kw, **overrides})
 
@@ -138,8 +141,9 @@ def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
         raise CheckpointError("a 'qwen2' config.json implies q/k/v biases, but qkv_bias=False; change model_type")
     scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
     eos = list(cfg.eos_token_id)
+    arch = _ARCHITECTURES[t].replace("ForCausalLM", "ForSequenceClassification" if cfg.num_labels else "ForCausalLM")
     hf: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[t]],
+        "architectures": [arch],
         "model_type": t,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -161,6 +165,10 @@ def config_to_hf(cfg: LlamaConfig, dtype: str) -> dict:
         "torch_dtype": dtype,
         "dtype": dtype,
     }
+    if cfg.num_labels:
+        hf["num_labels"] = cfg.num_labels
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
     if t in ("llama", "qwen3"):
         hf["attention_bias"] = cfg.attention_bias
     if t == "llama":
@@ -336,6 +344,11 @@ def load_hf(
         is read, so no device ever holds the whole model; default: the default device.
       config_overrides: any other :class:`LlamaConfig` field, e.g. ``remat="none"``.
 
+    A sequence-classification folder (``LlamaForSequenceClassification`` and the Mistral, Qwen2,
+    Qwen3 equivalents) loads with its ``score`` head (``num_labels`` from its config); with
+    ``num_labels=1`` a causal-LM folder starts a reward model: the trunk is read, the score head is
+    new (normal(0, 0.02), a fixed key) and the lm_head is not read.
+
     Tensors are converted one parameter at a time (a layer stack is filled layer by layer),
     so host memory stays near one model's size. Raises :class:`CheckpointError` naming the
     file and tensor for a missing config, unsupported model, missing or misshapen tensor,
@@ -400,9 +413,16 @@ def load_hf(
             return jax.block_until_ready(jax.device_put(buf, where))  # placed before buf is released
 
         for path_, spec in _flat(model.param_shapes()):
+            if path_ == ("score", "kernel") and "score.weight" not in files:
+                continue  # a classifier started from a causal LM folder: its score head is new
             _set(params, path_, read(path_, spec))
+    if cfg.num_labels and "score" not in params:
+        shape = model.param_shapes()["score"]["kernel"]
+        score = 0.02 * jax.random.normal(jax.random.key(0), shape.shape, jnp.float32)
+        where = None if shardings is None else shardings["score"]["kernel"]
+        params["score"] = {"kernel": jax.device_put(score.astype(_DTYPES[cfg.param_dtype]), where)}
     unknown = sorted(n for n in files if n not in used and not _IGNORED.match(n))
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings or cfg.num_labels:  # tied, or a classifier read from a causal LM folder
         unknown = [n for n in unknown if n != "lm_head.weight"]
     if unknown:
         raise CheckpointError(

@@ -94,3 +94,19 @@ def chunked_cross_entropy(
     weights = weights.astype(jnp.float32)
     logp_bt = token_log_probs(hidden, head, targets, chunk_size, rng)
     return -jnp.sum(logp_bt * weights), jnp.sum(weights)
+
+
+def sequence_log_probs(
+    hidden: Array, head: Callable, targets: Array, weights: Array, chunk_size: int = 0, rng: Array | None = None
+) -> tuple[Array, Array]:
+    """Per-sequence ``(sum of log p(target), number of positions)`` over the positions with
+    ``weights > 0`` (a response's tokens), both ``[b]`` float32, from :func:`token_log_probs`
+    (same arguments, no ``[b, t, vocab]`` logits). The mean log-prob is ``sum / max(count, 1)``.
+
+    The weights only select positions (a fractional weight counts as a whole token): the
+    preference losses compare sequence likelihoods, which have no per-token weighting."""
+    mask_bt = weights > 0
+    logp_bt = token_log_probs(hidden, head, targets, chunk_size, rng)
+    # where, not a product: a masked position can never leak into the sum, whatever its value
+    logp_sum = jnp.sum(jnp.where(mask_bt, logp_bt, 0.0), axis=-1)
+    return logp_sum, jnp.sum(mask_bt, axis=-1).astype(jnp.float32)

@@ -186,16 +186,22 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, accum: bool = True) -> Named
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Global arrays from the host batch ``{name: numpy array}`` that every process holds (the
     data order is seeded, so all hosts agree): each process contributes only the rows its own
-    devices hold (``jax.make_array_from_process_local_data``); one host contributes all."""
+    devices hold (``jax.make_array_from_process_local_data``); one host contributes all. Arrays of
+    any rank from the rows axis on (a per-row scalar, preference pairs ``[rows, 2, length]``)."""
+
+    rows_at = len(sharding.spec) - 2  # the spec is for [(grad_accum,) rows, length]
 
     def one(x):
         shape = x.shape
-        index = list(sharding.addressable_devices_indices_map(shape).values())
+        # Any rank: rows split as the spec says, the axes after them (length, pair side, ...) whole.
+        spec = jax.sharding.PartitionSpec(*sharding.spec[: rows_at + 1], *(None,) * (x.ndim - rows_at - 1))
+        where = NamedSharding(sharding.mesh, spec)
+        index = list(where.addressable_devices_indices_map(shape).values())
         local = tuple(
             slice(min(i[d].indices(n)[0] for i in index), max(i[d].indices(n)[1] for i in index))
             for d, n in enumerate(shape)
         )
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x[local]), shape)
+        return jax.make_array_from_process_local_data(where, np.asarray(x[local]), shape)
 
     return {k: one(v) for k, v in batch.items()}
 

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import jft  # noqa: E402
 from jft import peft, sharding  # noqa: E402
 from jft.models.layers import segment_positions  # noqa: E402
+from jft.objectives import token_loss  # noqa: E402
 from jft.train import TrainState, make_optimizer, make_train_step  # noqa: E402
 from jft.train.checkpoint import Checkpoints  # noqa: E402
 
@@ -53,8 +54,8 @@ def run(method: str) -> dict:
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     model, params, sharded_params, labels, init_diff = models(method, mesh)
     tx, schedule = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
-    step = jax.jit(make_train_step(model, tx, schedule))
-    sharded_step = jax.jit(make_train_step(model, tx, schedule, mesh=mesh))
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule))
+    sharded_step = jax.jit(make_train_step(token_loss(model, mesh=mesh), tx, schedule))
     ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 8, 17)).astype(np.int32)
     batch = {
         "input_ids": ids[..., :-1],
@@ -229,7 +230,7 @@ def step_memory() -> dict:
     ids = np.zeros((1, 8, 16), np.int32)
     batch = {k: ids for k in ("input_ids", "targets", "segment_ids", "positions")} | {"loss_weights": ids + 1.0}
     batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
-    step = jax.jit(make_train_step(model, tx, schedule, mesh=mesh), donate_argnums=0)
+    step = jax.jit(make_train_step(token_loss(model, mesh=mesh), tx, schedule), donate_argnums=0)
     m = step.lower(state, batch).compile().memory_analysis()
     return {"params": sum(x.nbytes for x in jax.tree.leaves(params)), "args": m.argument_size_in_bytes,
             "temp": m.temp_size_in_bytes}  # fmt: skip
@@ -251,7 +252,7 @@ def kernel_on_mesh() -> dict:
         model = jft.LlamaForCausalLM(dataclasses.replace(CFG, attention=attention, attention_chunk=64))
         params = model.init_params(jax.random.key(0), None if on is None else sharding.param_shardings(model, on))
         state = TrainState.create(params, jax.tree.map(lambda _: True, params), tx, jax.random.key(2))
-        step = jax.jit(make_train_step(model, tx, schedule, mesh=on))
+        step = jax.jit(make_train_step(token_loss(model, mesh=on), tx, schedule))
         run_batch = batch if on is None else sharding.put_batch(batch, sharding.batch_sharding(on))
         losses.append([])
         for _ in range(3):

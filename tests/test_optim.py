@@ -11,8 +11,10 @@ import optax
 import pytest
 
 import jft
+from jft import partition
 from jft.config import ConfigError, check, default_config, load_config, resolve_compute_dtype
-from jft.train import TrainState, make_optimizer, make_train_step, partition
+from jft.objectives import token_loss
+from jft.train import TrainState, make_optimizer, make_train_step
 from jft.train.optim import low_precision_update
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.py"))
@@ -196,7 +198,7 @@ def test_train_step_precision_on_a_tiny_llama():
         tx, schedule = make_optimizer(
             learning_rate=LR, total_steps=20, warmup_steps=0, schedule="constant", bf16_update=bf16_update
         )
-        step = jax.jit(make_train_step(model, tx, schedule))
+        step = jax.jit(make_train_step(token_loss(model), tx, schedule))
         start = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
         state = TrainState.create(params, labels, tx, jax.random.key(1))
         for _ in range(20):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import jft
-from jft import peft
+from jft import peft, tree
+from jft.objectives import token_loss
 from jft.peft.native import load_native, save_native
-from jft.train import TrainState, make_optimizer, make_train_step, partition
+from jft.train import TrainState, make_optimizer, make_train_step
 
 T = 12
 CFG = jft.LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
@@ -72,8 +73,8 @@ def test_zero_initialised_methods_reproduce_the_base(base, name):
     np.testing.assert_allclose(
         model2.apply({"params": params2}, x), model.apply({"params": params}, x), atol=2e-6, rtol=0
     )
-    for path, leaf in partition.walk(params):  # the base leaves are the same arrays
-        assert partition.get_path(params2, path) is leaf
+    for path, leaf in tree.walk(params):  # the base leaves are the same arrays
+        assert tree.get_path(params2, path) is leaf
 
 
 def make_batch(rows=4, seed=0):
@@ -102,7 +103,7 @@ def test_training_changes_only_the_method_leaves_and_lowers_the_loss(base, name)
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
     assert 2 * trainable_bytes <= opt_bytes <= 2 * trainable_bytes + 64  # Adam mu, nu (+ step counters) only
     assert trainable_bytes < 0.25 * sum(x.nbytes for x in jax.tree.leaves(params))
-    step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule), donate_argnums=0)
     batch = make_batch()
     losses = []
     for _ in range(6):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import jft
+from jft import partition, tree
 from jft import peft as jpeft
-from jft.train import partition
 
 VARIANT = "llama_gqa"  # 4 query heads, 2 key/value heads: prefix tuning's GQA layout
 N_VIRTUAL = 3
@@ -100,16 +100,16 @@ def perturbed(params, spec, seed=1):
     adapter = jpeft.adapter_of(params, spec)
     rng = np.random.RandomState(seed)
     out = partition.merge(params, {})
-    for path, leaf in partition.walk(adapter):
+    for path, leaf in tree.walk(adapter):
         noise = rng.standard_normal(leaf.shape).astype(np.float32)
         scale = 0.3 if path[-1] in ("ia3", "lora_magnitude") else 0.1
         value = leaf * (1 + scale * noise) if path[-1] in ("ia3", "lora_magnitude") else leaf + scale * noise
-        partition.set_path(out, path, jnp.asarray(value, leaf.dtype))
+        tree.set_path(out, path, jnp.asarray(value, leaf.dtype))
     return out
 
 
-def n_params(tree):
-    return sum(int(np.prod(np.shape(x))) for _, x in partition.walk(tree))
+def n_params(params):
+    return sum(int(np.prod(np.shape(x))) for _, x in tree.walk(params))
 
 
 def check_jft_to_peft(folder, model, params, spec, out, label):

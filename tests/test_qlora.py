@@ -9,6 +9,7 @@ import pytest
 import jft
 from jft import peft, quant
 from jft.models.layers import qdense
+from jft.objectives import token_loss
 from jft.train import TrainState, make_optimizer, make_train_step
 
 
@@ -88,7 +89,7 @@ def test_qdora_trains_the_adapter_only_then_merges_and_exports(loaded, tmp_path)
     tx, schedule = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0)
     state = TrainState.create(params, labels, tx, jax.random.key(1))
     codes_before = np.array(state.frozen["model"]["layers"]["mlp"]["up_proj"]["kernel"].codes)
-    step = jax.jit(make_train_step(model, tx, schedule))
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule))
     x = ids(1, (4, 9))
     batch = {
         "input_ids": x[None],

@@ -9,8 +9,10 @@ import optax
 import pytest
 
 import jft
+from jft import partition
 from jft.losses import weighted_cross_entropy
-from jft.train import TrainState, make_eval_step, make_optimizer, make_train_step, partition
+from jft.objectives import token_loss
+from jft.train import TrainState, make_eval_step, make_optimizer, make_train_step
 
 T = 12  # sequence length
 CFG = jft.LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
@@ -24,7 +26,7 @@ def model_params():
 
 @pytest.fixture(scope="module")
 def eval_step(model_params):
-    return jax.jit(make_eval_step(model_params[0]))
+    return jax.jit(make_eval_step(token_loss(model_params[0])))
 
 
 def make_batch(seed: int, rows: int) -> dict:
@@ -64,7 +66,7 @@ def setup(model, params, rules=partition.FULL, **optim):
         masks = partition.layer_masks(partition.split(params, labels)[0], labels)
         kw = dict(learning_rate=1e-3, total_steps=100, warmup_steps=0) | optim
         tx, schedule = make_optimizer(masks=masks, **kw)
-        _STEPS[key] = tx, jax.jit(make_train_step(model, tx, schedule, masks), donate_argnums=0)
+        _STEPS[key] = tx, jax.jit(make_train_step(token_loss(model), tx, schedule, masks), donate_argnums=0)
     tx, step = _STEPS[key]
     # A copy: the step donates the state, which would delete the shared fixture's buffers.
     return TrainState.create(jax.tree.map(jnp.array, params), labels, tx, jax.random.key(1)), step
@@ -120,7 +122,7 @@ def test_grad_accumulation_equals_one_big_batch(model_params, eval_step):
     np.testing.assert_allclose(m1["weight"], batch["loss_weights"].sum(), rtol=1e-6)
 
     # The weights are uneven enough that averaging per-micro-batch means would be wrong.
-    eval_step = jax.jit(make_eval_step(model))
+    eval_step = jax.jit(make_eval_step(token_loss(model)))
     sums = [
         eval_step(params, micro) for micro in (jax.tree.map(lambda x, i=i: x[i], accum(batch, 4)) for i in range(4))
     ]
@@ -263,7 +265,7 @@ def test_a_mixture_of_experts_trains_with_its_load_balancing_loss():
     loss_sum, weight_sum = weighted_cross_entropy(logits, micro["targets"], micro["loss_weights"])
     expected = loss_sum / weight_sum + 0.5 * moe_aux_loss(state["router"], 4)
     tx, schedule = make_optimizer(learning_rate=3e-3, total_steps=20, warmup_steps=0)
-    step = jax.jit(make_train_step(model, tx, schedule))
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule))
     s = TrainState.create(params, jax.tree.map(lambda _: True, params), tx, jax.random.key(1))
     losses = []
     for _ in range(8):
@@ -295,13 +297,13 @@ def test_the_chunked_loss_head_gives_the_whole_rows_loss_and_gradients(model_par
 
     want_loss, want_grads = jax.value_and_grad(reference)(params)
     tx = optax.sgd(1.0)  # new params = params - grads
-    step = jax.jit(make_train_step(chunked, tx, lambda _: 1.0))
+    step = jax.jit(make_train_step(token_loss(chunked), tx, lambda _: 1.0))
     state = TrainState.create(params, jax.tree.map(lambda _: True, params), tx, jax.random.key(1))
     state, metrics = step(state, {k: v[None] for k, v in micro.items()})
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
     grads = jax.tree.map(lambda old, new: old - new, params, state.trainable)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), grads, want_grads)
-    eval_sums = jax.jit(make_eval_step(chunked))(params, micro)
+    eval_sums = jax.jit(make_eval_step(token_loss(chunked)))(params, micro)
     np.testing.assert_allclose(eval_sums["loss_sum"] / eval_sums["weight_sum"], want_loss, rtol=1e-5)
 
 
@@ -320,7 +322,7 @@ def test_the_train_steps_temporaries_hold_a_chunk_of_logits_not_the_row():
             lambda p: TrainState.create(p, jax.tree.map(lambda _: True, p), tx, jax.random.key(0)), model.param_shapes()
         )
         batch = {k: jax.ShapeDtypeStruct((1, 1, t), v.dtype) for k, v in make_batch(0, 1).items()}
-        step = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+        step = jax.jit(make_train_step(token_loss(model), tx, schedule), donate_argnums=0)
         return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
     base = temp_bytes(256, 128)
@@ -328,3 +330,48 @@ def test_the_train_steps_temporaries_hold_a_chunk_of_logits_not_the_row():
     chunked = temp_bytes(vocab, 128) - base
     assert whole_row > row_logits, (whole_row, row_logits)
     assert chunked < row_logits / 4, (chunked, row_logits)
+
+
+def test_any_objective_plugs_into_the_step_with_exact_accumulation_and_its_own_metrics():
+    """A loss that is not token cross entropy (a pairwise objective on any batch keys) through the
+    same step: accumulated over 3 micro-batches it gives one big batch's step; its float metric
+    sums are reported per unit weight, its integer sums as counts."""
+    w = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4,)), jnp.float32)}
+    rng = np.random.default_rng(1)
+    batch = {"left": rng.normal(size=(6, 4)).astype(np.float32), "right": rng.normal(size=(6, 4)).astype(np.float32)}
+    batch["keep"] = np.array([1, 1, 0, 1, 1, 1], np.float32)
+
+    def pair_loss(trainable, frozen, b, rng):
+        margin = (b["left"] - b["right"]) @ trainable["w"]
+        return (
+            jnp.sum(-jax.nn.log_sigmoid(margin) * b["keep"]),
+            jnp.sum(b["keep"]),
+            {"accuracy": jnp.sum((margin > 0) * b["keep"]), "tokens": jnp.sum(b["keep"] > 0, dtype=jnp.int32)},
+        )
+
+    tx = optax.sgd(0.5)
+    step = jax.jit(make_train_step(pair_loss, tx, lambda _: 0.5))
+    states = []
+    for n in (1, 3):
+        state, metrics = step(TrainState.create(w, {"w": True}, tx, jax.random.key(0)), accum(batch, n))
+        states.append(state)
+        margin = (batch["left"] - batch["right"]) @ np.asarray(w["w"])
+        keep = batch["keep"] > 0
+        np.testing.assert_allclose(metrics["loss"], np.mean(np.log1p(np.exp(-margin[keep]))), rtol=1e-5)
+        np.testing.assert_allclose(metrics["accuracy"], np.mean(margin[keep] > 0), rtol=1e-6)
+        assert metrics["tokens"] == 5 and metrics["tokens"].dtype == jnp.int32
+        assert set(metrics) == {"loss", "grad_norm", "lr", "weight", "accuracy", "tokens"}
+    np.testing.assert_allclose(states[0].trainable["w"], states[1].trainable["w"], rtol=1e-6)
+    assert not np.allclose(states[0].trainable["w"], w["w"])
+
+
+def test_the_model_and_peft_load_without_the_trainer_or_orbax():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jft.models.llama, jft.peft; "
+        "print(sorted(m for m in sys.modules if m.startswith(('orbax', 'jft.train', 'optax'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

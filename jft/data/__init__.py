@@ -19,6 +19,7 @@ from jft.data.formats import (
     prompt_ids,
 )
 from jft.data.pipeline import KEYS, Batches, Stats, load_records, pack, split_validation, tokenize_records
+from jft.data.preference import PairStats, tokenize_pairs
 
 __all__ = [
     "ALPACA",
@@ -28,6 +29,7 @@ __all__ = [
     "TEMPLATES",
     "Batches",
     "DataError",
+    "PairStats",
     "Stats",
     "Template",
     "detect_format",
@@ -37,5 +39,6 @@ __all__ = [
     "prompt_and_reference",
     "prompt_ids",
     "split_validation",
+    "tokenize_pairs",
     "tokenize_records",
 ]

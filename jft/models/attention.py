@@ -31,6 +31,8 @@ keys), sequence lengths they tile, segments without virtual tokens. splash takes
 checked on the device each step, and a batch with packed rows runs ``"chunked"`` instead
 (``lax.cond``: one compiled step, exact either way). Every other call goes to ``"chunked"``, or
 ``"xla"`` when ``t <= chunk``. :func:`describe` says in words what a configuration runs.
+(The kernels take short training rows too; only ``"chunked"`` hands rows of at most ``chunk``
+tokens to whole-score attention, which is exact and cheap there.)
 """
 
 from __future__ import annotations
@@ -88,12 +90,12 @@ def resolve(impl: str, platform: str | None = None) -> str:
 def describe(impl: str, chunk: int, platform: str | None = None) -> str:
     """One line for the run log: what runs for training calls and for the others."""
     name = resolve(impl, platform)
-    short = f"calls of <= {chunk} queries (decoding): xla"
+    short = f"calls of <= {chunk} queries (short rows, decoding): whole scores"
     if name == "xla":
         return "xla (scores held whole; memory grows with length squared)"
     if name == "chunked":
         return f"chunked XLA flash attention ({chunk}-token blocks); {short}"
-    rest = f"other calls: chunked XLA ({chunk}-token blocks); {short}"
+    rest = f"other calls: chunked XLA ({chunk}-token blocks), or whole scores at <= {chunk} queries"
     if name == "splash":
         interpret = " in interpret mode" if (platform or jax.default_backend()) != "tpu" else ""
         return f"Pallas splash attention{interpret} for lengths that are multiples of {_SPLASH_TILE}; {rest}"
@@ -120,7 +122,7 @@ def attention(
     """
     name = resolve(impl)
     t = q_bthd.shape[1]
-    if name in ("splash", "cudnn") and t > chunk:
+    if name in ("splash", "cudnn"):
         kernel = _kernel_call(name, q_bthd, blocks, window, windows, chunk)
         if kernel is not None:
             return kernel

@@ -75,6 +75,7 @@ class LlamaConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "nothing_saveable"  # activation checkpointing policy of each layer
     loss_chunk: int = 0  # sequence positions per chunk of the loss head; 0: sized from the vocab
+    num_labels: int = 0  # > 0: sequence classification, a "score" head [embed, num_labels] instead of lm_head
     attention: str = "auto"  # auto|xla|chunked|splash|cudnn (jft.models.attention)
     attention_chunk: int = 512  # tokens per block of the chunked attention
 
@@ -91,6 +92,8 @@ class LlamaConfig:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        if self.num_labels < 0:
+            raise ValueError(f"num_labels={self.num_labels} must be >= 0 (0: a causal LM head)")
         if self.attention_chunk < 1:
             raise ValueError(f"attention_chunk={self.attention_chunk} must be >= 1")
         if self.loss_chunk < 0:
@@ -406,6 +409,22 @@ class PrefixTable(nn.Module):
         return table[:, 0], table[:, 1]
 
 
+def last_token_index(mask: Array) -> Array:
+    """``[b]`` index of each row's last real token (``mask [b, t]``, 1 = real): the position whose
+    score a sequence classifier reports; right or left padding, and a pad id equal to EOS, alike."""
+    t = mask.shape[-1]
+    return jnp.argmax(jnp.where(mask.astype(bool), jnp.arange(t), -1), axis=-1)
+
+
+def last_token_scores(model: Any, params: dict, hidden: Array, mask: Array) -> Array:
+    """``[b, num_labels]`` float32 scores of a sequence-classification model from its final hidden
+    states ``[b, t, embed]`` (``model.apply(..., hidden_only=True)``) at each row's last real token
+    (as transformers' ``*ForSequenceClassification`` pools them, with the mask instead of the pad id)."""
+    last = last_token_index(mask)
+    pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [b, 1, embed]
+    return model.apply({"params": params}, pooled, method="head")[:, 0]
+
+
 class LlamaForCausalLM(nn.Module):
     """Decoder + lm_head. Returns float32 logits ``[b, t, vocab]`` (and the cache when given one).
 
@@ -428,7 +447,16 @@ class LlamaForCausalLM(nn.Module):
     def setup(self):
         cfg = self.config
         self.model = Decoder(cfg, self.peft)
-        if not cfg.tie_word_embeddings:
+        if cfg.num_labels:  # sequence classification (a reward model): no lm_head
+            self.score = Linear(
+                cfg.num_labels,
+                ("embed", None),
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                out_dtype=jnp.float32,
+                peft=self.peft.linear("score"),
+            )
+        elif not cfg.tie_word_embeddings:
             self.lm_head = Linear(
                 cfg.vocab_size,
                 ("embed", "vocab"),
@@ -459,13 +487,32 @@ class LlamaForCausalLM(nn.Module):
     def head(self, x):
         """Float32 logits ``[b, t, vocab]`` of final hidden states ``x [b, t, embed]``: the lm_head
         (with its PEFT and 4-bit kernel, if any) or the transposed input embeddings when tied.
-        ``model.apply(variables, x, method="head")``; :mod:`jft.losses` calls it a chunk at a time."""
+        ``model.apply(variables, x, method="head")``; :mod:`jft.losses` calls it a chunk at a time.
+        A sequence-classification model (``num_labels > 0``) gives its per-token scores
+        ``[b, t, num_labels]`` (:func:`last_token_scores` reads them at each row's last token)."""
+        if self.config.num_labels:
+            return self.score(x)
         if self.config.tie_word_embeddings:
             emb = self.model.embed_tokens.embedding
             logits = jnp.matmul(x, emb.T.astype(x.dtype), preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
         return constrain(logits, ("batch", None, "vocab"))
+
+    @property
+    def loss_collections(self) -> tuple[str, ...]:
+        """Collections a training forward makes mutable for :meth:`training_loss` (``()``: none)."""
+        return ("router",) if self.config.num_local_experts else ()
+
+    def training_loss(self, collections: dict) -> Array:
+        """The model's own training term per unit of loss weight, from the collections a forward
+        with ``mutable=self.loss_collections`` returned: Mixtral's ``router_aux_loss_coef`` x
+        load-balancing loss (:func:`moe_aux_loss`), as transformers adds it; 0 for other models.
+        Every objective adds it, weighted like its own loss."""
+        if not self.config.num_local_experts:
+            return jnp.zeros((), jnp.float32)
+        aux = moe_aux_loss(collections["router"], self.config.num_local_experts)
+        return self.config.router_aux_loss_coef * aux
 
     def init_params(self, rng: Array, shardings: Any = None) -> dict:
         """Random parameters (plain arrays, no logical-axis boxes), normal(0.02) like HF.

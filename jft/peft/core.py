@@ -2,7 +2,7 @@
 
     spec = peft.Peft(lora=peft.Lora(r=8, alpha=16, targets="all-linear"))
     model, params = peft.inject(model, params, spec, jax.random.key(0))
-    labels = peft.labels(params, model.peft)        # for jft.train.partition / TrainState
+    labels = peft.labels(params, model.peft)        # for jft.partition / TrainState
     print(peft.trainable_summary(params, labels))
     merged_model, merged = peft.merge(model, params)  # LoRA, DoRA and IA3 folded into the weights
 
@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft import partition, tree
 from jft.models.layers import dora_column_norm
 from jft.models.peft_spec import LINEARS, Peft
 from jft.quant import QuantizedWeight, dequantize
-from jft.train import partition
 
 
 def build(model: Any, spec: Peft) -> Any:
@@ -70,19 +70,19 @@ def inject(model: Any, params: Mapping, spec: Peft, rng: jax.Array) -> tuple[Any
     """
     new_model = build(model, spec)
     shapes = new_model.param_shapes()
-    new_paths = [p for p, _ in partition.walk(shapes) if not partition.has_path(params, p)]
-    for path, _ in partition.walk(params):
-        if not partition.has_path(shapes, path):
+    new_paths = [p for p, _ in tree.walk(shapes) if not tree.has_path(params, p)]
+    for path, _ in tree.walk(params):
+        if not tree.has_path(shapes, path):
             raise ValueError(f"parameter {'/'.join(path)!r} is not part of the model with {spec}")
 
     def fresh(rng):
         init = new_model.init_params(rng)
-        return {"/".join(p): partition.get_path(init, p) for p in new_paths}
+        return {"/".join(p): tree.get_path(init, p) for p in new_paths}
 
     new = jax.jit(fresh)(rng)
     out = partition.merge(params, {})
     for path in new_paths:
-        partition.set_path(out, path, new["/".join(path)])
+        tree.set_path(out, path, new["/".join(path)])
     spec = new_model.peft
     for name in LINEARS:
         layer = spec.linear(name)
@@ -141,15 +141,15 @@ def attach(base_model: Any, base_params: Mapping, spec: Peft, adapter: Mapping) 
     model = build(base_model, spec)
     shapes = model.param_shapes()
     params = partition.merge(base_params, {})
-    for path, leaf in partition.walk(adapter):
+    for path, leaf in tree.walk(adapter):
         name = "/".join(path)
-        if not partition.has_path(shapes, path):
+        if not tree.has_path(shapes, path):
             raise ValueError(f"adapter leaf {name!r} is not part of the model with {model.peft}")
-        want = partition.get_path(shapes, path).shape
+        want = tree.get_path(shapes, path).shape
         if tuple(np.shape(leaf)) != tuple(want):
             raise ValueError(f"adapter leaf {name!r} has shape {tuple(np.shape(leaf))}; the model expects {want}")
-        partition.set_path(params, path, leaf)
-    missing = [p for p, _ in partition.walk(shapes) if not partition.has_path(params, p)]
+        tree.set_path(params, path, leaf)
+    missing = [p for p, _ in tree.walk(shapes) if not tree.has_path(params, p)]
     if missing:
         raise ValueError(f"the adapter lacks {['/'.join(p) for p in missing][:5]} (and the base has no such leaves)")
     return model, params

@@ -24,10 +24,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jft import tree
 from jft.hf import CheckpointError, _atomic
 from jft.models.peft_spec import IA3, LINEARS, Lora, Peft, Prefix, Prompt, _pattern, match_targets
 from jft.peft import core, native
-from jft.train import partition
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -386,7 +386,7 @@ def _expected_linear(model, shapes: Mapping, num_layers: int) -> dict[str, tuple
         for i, key in enumerate(_module_keys(name, num_layers)):
             for suffix, leaf, transpose in leaves:
                 path = (*base, leaf)
-                shape = partition.get_path(shapes, path).shape
+                shape = tree.get_path(shapes, path).shape
                 shape = shape if name == "lm_head" else shape[1:]
                 if transpose:
                     shape = shape[::-1]
@@ -414,13 +414,13 @@ def _read_linear(model, shapes: Mapping, stored: dict[str, np.ndarray], file: st
                 f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}; the base model with {model.peft} "
                 f"expects {shape}"
             )
-        spec = partition.get_path(shapes, path)
+        spec = tree.get_path(shapes, path)
         if path not in bufs:
             bufs[path] = np.empty(spec.shape, spec.dtype)
         value = tensor.T if path[-1] in ("lora_a", "lora_b") else tensor.reshape(-1)
         bufs[path][... if layer is None else layer] = value
     for path, buf in bufs.items():
-        partition.set_path(adapter, path, buf)
+        tree.set_path(adapter, path, buf)
     return adapter
 
 
@@ -434,7 +434,7 @@ def _read_table(model, shapes: Mapping, stored: dict[str, np.ndarray], file: str
         )
     if "prompt_embeddings" not in stored:
         raise CheckpointError(f"{file}: tensor 'prompt_embeddings' is missing")
-    want = partition.get_path(shapes, path)
+    want = tree.get_path(shapes, path)
     tensor = stored["prompt_embeddings"]
     if tuple(tensor.shape) != tuple(want.shape):
         raise CheckpointError(
@@ -442,7 +442,7 @@ def _read_table(model, shapes: Mapping, stored: dict[str, np.ndarray], file: str
             f"{spec} expects {tuple(want.shape)}"
         )
     adapter: dict = {}
-    partition.set_path(adapter, path, tensor.astype(want.dtype))
+    tree.set_path(adapter, path, tensor.astype(want.dtype))
     return adapter
 
 
@@ -465,7 +465,7 @@ def _check_base_copies(stored: dict[str, np.ndarray], params: Mapping, cfg, file
         tensor = stored.pop(key)
         if path[0] == "lm_head" and cfg.tie_word_embeddings:
             path, transpose = ("model", "embed_tokens", "embedding"), False
-        base = np.asarray(jax.device_get(partition.get_path(params, path)))
+        base = np.asarray(jax.device_get(tree.get_path(params, path)))
         base = base.T if transpose else base
         same = base.shape == tensor.shape and np.allclose(
             base.astype(np.float32), tensor.astype(np.float32), rtol=1e-2, atol=1e-6

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from jft import tree
 from jft.hf import CheckpointError
 from jft.models.peft_spec import IA3, Adapter, BitFit, Lora, Peft, Prefix, Prompt
 from jft.peft.core import adapter_of, attach
-from jft.train import partition
 
 CONFIG = "jft_adapter.json"
 WEIGHTS = "adapter.safetensors"
@@ -28,7 +28,7 @@ def save_native(model: Any, params: Mapping, out_dir: str | os.PathLike) -> Path
     """Write the adapter of ``model.peft`` in jft's format; returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"/".join(p): np.asarray(x) for p, x in partition.walk(adapter_of(params, model.peft))}
+    tensors = {"/".join(p): np.asarray(x) for p, x in tree.walk(adapter_of(params, model.peft))}
     _atomic(out / WEIGHTS, lambda f: safetensors.numpy.save_file(tensors, f))
     meta = {"format": "jft-adapter", "version": 1, "peft": spec_to_dict(model.peft)}
     _atomic(out / CONFIG, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
@@ -46,11 +46,11 @@ def load_native(model: Any, params: Mapping, adapter_dir: str | os.PathLike) -> 
         spec = spec_from_dict(meta["peft"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG}: not a valid jft adapter config ({e})") from None
-    tree: dict = {}
+    adapter: dict = {}
     for key, value in safetensors.numpy.load_file(folder / WEIGHTS).items():
-        partition.set_path(tree, tuple(key.split("/")), value)
+        tree.set_path(adapter, tuple(key.split("/")), value)
     try:
-        return attach(model, params, spec, tree)
+        return attach(model, params, spec, adapter)
     except ValueError as e:
         raise CheckpointError(f"{folder / WEIGHTS}: {e}") from None
 

@@ -1,6 +1,5 @@
-"""Training: parameter partition, optimizer, train state and the pure train / eval steps."""
+"""Training: optimizer, train state, the pure train / eval steps around an objective's loss, and the loop."""
 
-from jft.train import partition
 from jft.train.optim import make_optimizer, make_schedule
 from jft.train.state import TrainState
 from jft.train.step import make_eval_step, make_train_step
@@ -15,5 +14,4 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
-    "partition",
 ]

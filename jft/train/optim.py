@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jft.train import partition
+from jft import partition, tree
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -69,7 +69,7 @@ def make_optimizer(
         at ``total_steps``, or "constant".
       weight_decay: decoupled, scaled by the learning rate, on matrices only (module doc).
       clip_norm: clip gradients to this global norm; None or 0 disables.
-      masks: :func:`jft.train.partition.layer_masks` of the trainable tree. The updates of
+      masks: :func:`jft.partition.layer_masks` of the trainable tree. The updates of
         the frozen layers of partially trainable stacked leaves are zeroed after the whole
         chain, so those layers stay bit-identical (weight decay included).
       mu_dtype: dtype of Adam's first moment and of SGD's momentum; None = each param's dtype
@@ -155,7 +155,7 @@ def decay_mask(params: Any) -> dict:
         stacked = path.startswith("/".join(partition.STACKED_PREFIX) + "/")
         return np.ndim(leaf) - int(stacked) >= 2
 
-    return partition.map_with_path(is_matrix, params)
+    return tree.map_with_path(is_matrix, params)
 
 
 def mask_layers(masks: Any) -> optax.GradientTransformation:

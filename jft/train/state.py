@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jft.train import partition
+from jft import partition
 
 
 @flax.struct.dataclass
 class TrainState:
     """``step`` int32 scalar (optimizer steps taken), ``trainable`` and ``frozen`` params
-    (nested dicts, see :mod:`jft.train.partition`), ``opt_state`` over ``trainable`` only,
+    (nested dicts, see :mod:`jft.partition`), ``opt_state`` over ``trainable`` only,
     and ``rng`` (a PRNG key; each step folds ``step`` into it).
     """
 

@@ -1,13 +1,13 @@
-"""Pure train and eval steps. The caller jits them:
+"""Pure train and eval steps around an objective's loss. The caller jits them:
 
-    train_step = jax.jit(make_train_step(model, tx, schedule, masks), donate_argnums=0)
-    state, metrics = train_step(state, batch)      # batch arrays [grad_accum, micro_batch, seq_len]
-    eval_step = jax.jit(make_eval_step(model))
-    sums = eval_step(params, batch)                # batch arrays [batch, seq_len]
+    loss_fn = jft.objectives.token_loss(model)                  # or any objective's loss
+    train_step = jax.jit(make_train_step(loss_fn, tx, schedule, masks), donate_argnums=0)
+    state, metrics = train_step(state, batch)      # batch arrays [grad_accum, micro_batch, ...]
+    eval_step = jax.jit(make_eval_step(loss_fn))
+    sums = eval_step(params, batch)                # batch arrays [batch, ...]
 
-A batch is a dict of ``input_ids`` int32, ``targets`` int32 (next tokens), ``loss_weights``
-float32 (0 = not trained), ``segment_ids`` int32 (packed rows; 0 = padding) and ``positions``
-int32.
+``loss_fn(trainable, frozen, batch, rng) -> (loss_sum, weight_sum, metrics)`` returns sums
+(:mod:`jft.objectives`); the batch is whatever dict of arrays the objective reads.
 """
 
 from __future__ import annotations
@@ -19,97 +19,65 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jft import sharding
-from jft.losses import chunked_cross_entropy
-from jft.models.llama import moe_aux_loss
-from jft.train import partition
+from jft import partition
 from jft.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+LossFn = Callable[[Mapping, Mapping, Batch, Any], tuple[jax.Array, jax.Array, dict]]
 
 
 def make_train_step(
-    model: Any,
+    loss_fn: LossFn,
     tx: optax.GradientTransformation,
     schedule: Callable[[Any], jax.Array],
     masks: Any = None,
-    mesh: Any = None,
-    rules: Any = sharding.DEFAULT_RULES,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """``train_step(state, batch) -> (state, metrics)`` with gradient accumulation.
+    """``train_step(state, batch) -> (state, metrics)`` with gradient accumulation, for any objective.
 
-    ``jax.lax.scan`` runs the micro-batches (the leading batch axis) and sums the weighted
-    loss, the weight and the gradients of the weighted loss *sum*; then both are divided by
-    the total weight of the whole batch, so any ``grad_accum`` gives the same step as one
-    big batch. Gradients are taken w.r.t. ``state.trainable`` only (frozen params are
-    constants), accumulated in float32 and cast back to each leaf's dtype. ``masks``
-    (:func:`partition.layer_masks`) zero the gradients of frozen layers of partially
-    trainable stacked leaves, so ``grad_norm`` measures what trains. With a ``mesh`` the model is
-    traced in :func:`jft.sharding.scope` (activation sharding constraints from ``rules``); the
-    shardings of the state and batch passed in decide where everything else lives.
+    ``jax.lax.scan`` runs the micro-batches (the leading axis of every batch array) and adds up
+    ``loss_fn``'s sums and the gradients of its loss *sum*; then both are divided by the total
+    weight of the whole batch, so any ``grad_accum`` gives the same step as one big batch.
+    Gradients are taken w.r.t. ``state.trainable`` only (frozen params are constants),
+    accumulated in float32 and cast back to each leaf's dtype. ``masks``
+    (:func:`jft.partition.layer_masks`) zero the gradients of frozen layers of partially
+    trainable stacked leaves, so ``grad_norm`` measures what trains.
 
-    The loss head runs in chunks of positions (:func:`jft.losses.chunked_cross_entropy`, chunk
-    ``model.config.loss_chunk``), so no ``[micro_batch, seq_len, vocab]`` float32 logits are held;
-    the backward pass recomputes each chunk's logits.
-
-    For a mixture-of-experts model the loss adds ``router_aux_loss_coef`` times the
-    load-balancing loss (:func:`jft.models.llama.moe_aux_loss`), as transformers' Mixtral does.
-
-    Metrics (float32 scalars unless said): ``loss`` weighted mean CE of the batch (+ the MoE term),
-    ``grad_norm`` global norm before clipping, ``lr`` at this step, ``tokens`` int32 count
-    of weight > 0 targets, ``weight`` sum of loss weights. A batch with zero total weight
-    gives loss 0 and zero gradients (the optimizer still steps, e.g. weight decay).
+    Metrics (scalars): ``loss`` the batch's loss per unit weight, ``grad_norm`` global norm
+    before clipping, ``lr`` at this step, ``weight`` the summed weight, and each of the
+    objective's metrics: integer sums (counts such as ``tokens``) as they are, float sums
+    divided by the weight. A batch with zero total weight gives loss 0 and zero gradients (the
+    optimizer still steps, e.g. weight decay).
     """
 
-    experts = getattr(model.config, "num_local_experts", 0)
-    head = _head(model)
+    def loss_and_sums(trainable, frozen, batch, rng):
+        loss_sum, weight_sum, metrics = loss_fn(trainable, frozen, batch, rng)
+        return loss_sum, (weight_sum, metrics)
 
-    def loss_sums(trainable, frozen, micro, rng):
-        with sharding.scope(mesh, rules):
-            out = model.apply(
-                {"params": partition.merge(trainable, frozen)},
-                micro["input_ids"],
-                positions=micro["positions"],
-                segment_ids=micro["segment_ids"],
-                hidden_only=True,
-                rngs={"dropout": rng},
-                mutable=["router"] if experts else False,
-            )
-            hidden = out[0] if experts else out
-            loss_sum, weight_sum = chunked_cross_entropy(
-                hidden,
-                head(partition.merge(trainable, frozen)),
-                micro["targets"],
-                micro["loss_weights"],
-                getattr(model.config, "loss_chunk", 0),
-                jax.random.fold_in(rng, 1),
-            )
-        if experts:  # Mixtral: + coef * load-balancing loss, weighted like the tokens
-            aux = moe_aux_loss(out[1]["router"], experts)
-            loss_sum = loss_sum + model.config.router_aux_loss_coef * aux * weight_sum
-        return loss_sum, weight_sum
-
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
 
         def micro_sums(i, micro):
-            """Float32 gradients of one micro-batch's weighted loss sum, with its sums."""
-            (loss_sum, weight_sum), grads = grad_fn(state.trainable, state.frozen, micro, jax.random.fold_in(rng, i))
+            """Float32 gradients of one micro-batch's loss sum, with its sums."""
+            (loss_sum, (weight_sum, metrics)), grads = grad_fn(
+                state.trainable, state.frozen, micro, jax.random.fold_in(rng, i)
+            )
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-            return grads, loss_sum, weight_sum, jnp.sum(micro["loss_weights"] > 0, dtype=jnp.int32)
+            return grads, loss_sum, weight_sum, metrics
 
         def accumulate(carry, xs):
             return jax.tree.map(jnp.add, carry, micro_sums(*xs)), None
 
-        accum = batch["input_ids"].shape[0]
+        batch = dict(batch)
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        first = jax.tree.map(lambda x: x[0], batch)
         if accum == 1:  # no zero-filled accumulator: that would cost a pass over all params
-            grads, loss_sum, weight_sum, tokens = micro_sums(0, jax.tree.map(lambda x: x[0], dict(batch)))
+            grads, loss_sum, weight_sum, sums = micro_sums(0, first)
         else:
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-            (grads, loss_sum, weight_sum, tokens), _ = jax.lax.scan(accumulate, init, (jnp.arange(accum), dict(batch)))
+            shapes = jax.eval_shape(micro_sums, 0, first)
+            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, loss_sum, weight_sum, sums), _ = jax.lax.scan(accumulate, init, (jnp.arange(accum), batch))
 
         denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.trainable)
@@ -122,52 +90,29 @@ def make_train_step(
             "loss": loss_sum / denom,
             "grad_norm": grad_norm,
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
-            "tokens": tokens,
             "weight": weight_sum,
+            **per_weight(sums, denom),
         }
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
     return train_step
 
 
-def make_eval_step(
-    model: Any, mesh: Any = None, rules: Any = sharding.DEFAULT_RULES
-) -> Callable[[Mapping, Batch], dict]:
-    """``eval_step(params, batch) -> {loss_sum, weight_sum, tokens}`` over a ``[batch, seq_len]`` batch.
+def per_weight(sums: Mapping, denom: jax.Array) -> dict:
+    """An objective's metric sums as reported: integer counts as they are, float sums per unit weight."""
+    return {k: v if jnp.issubdtype(v.dtype, jnp.integer) else v / denom for k, v in sums.items()}
 
-    Sums, so the caller adds them over batches: ``loss = loss_sum / weight_sum``,
-    ``perplexity = exp(loss)``. ``mesh`` and ``rules`` as in :func:`make_train_step`.
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[Mapping, Batch], dict]:
+    """``eval_step(params, batch) -> {loss_sum, weight_sum, **metric sums}`` over one ``[batch, ...]``
+    batch: ``loss_fn`` without gradients, dropout or training-only terms (``rng=None``).
+
+    Sums, so the caller adds them over batches (:func:`jft.train.trainer.evaluate_loss`): for token
+    cross entropy ``loss = loss_sum / weight_sum``, ``perplexity = exp(loss)``.
     """
 
     def eval_step(params: Mapping, batch: Batch) -> dict:
-        with sharding.scope(mesh, rules):
-            hidden = model.apply(
-                {"params": params},
-                batch["input_ids"],
-                positions=batch["positions"],
-                segment_ids=batch["segment_ids"],
-                hidden_only=True,
-            )
-            loss_sum, weight_sum = chunked_cross_entropy(
-                hidden,
-                _head(model)(params),
-                batch["targets"],
-                batch["loss_weights"],
-                getattr(model.config, "loss_chunk", 0),
-            )
-        tokens = jnp.sum(batch["loss_weights"] > 0, dtype=jnp.int32)
-        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "tokens": tokens}
+        loss_sum, weight_sum, metrics = loss_fn(params, {}, batch, None)
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum, **metrics}
 
     return eval_step
-
-
-def _head(model: Any) -> Callable:
-    """``head(params)`` -> the loss head's ``f(h [b, c, embed], rng=None) -> [b, c, vocab]`` logits."""
-
-    def head(params):
-        def logits(h, rng=None):
-            return model.apply({"params": params}, h, method="head", rngs=None if rng is None else {"dropout": rng})
-
-        return logits
-
-    return head

@@ -1,5 +1,7 @@
-"""``fit(config, workdir)``: the fine-tuning loop, from a config to a fine-tuned model.
+"""``fit(config, workdir)``: the one loop, from a config to a fine-tuned model, for every objective.
 
+``config.task`` picks the objective (:data:`jft.objectives.TASKS`), which supplies its rows, its
+loss, its evaluation and its export (:class:`jft.objectives.Objective`); everything else is here.
 Sections: Config, Tokenizer, Data, Model, Optimizer, Step, Checkpoint, Loop, Export.
 Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/ (Orbax;
 or under ``train.checkpoint_dir``, e.g. a gs:// bucket on a pod, with a copy of config.json),
@@ -25,12 +27,12 @@ from etils import epath
 
 from jft import data as jdata
 from jft import evaluate as jeval
-from jft import peft, sharding
+from jft import partition, peft, sharding
 from jft.config import ConfigDict, ConfigError, check, default_config, resolve_compute_dtype, to_json
-from jft.hf import load_hf, load_tokenizer, save_hf
+from jft.hf import load_hf, load_tokenizer
 from jft.models import attention as attention_lib
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
-from jft.train import partition
+from jft.objectives import TASKS, Objective, eval_sums
 from jft.train.checkpoint import Checkpoints
 from jft.train.optim import make_optimizer
 from jft.train.state import TrainState
@@ -67,6 +69,8 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
             f"train.batch_size={cfg.train.batch_size} is not a multiple of grad_accum={cfg.train.grad_accum}"
         )
 
+    objective = _objective(cfg)
+
     # ------------------------------------------------------------------ Data records + tokenizer
     train_pairs, val_pairs = _records(cfg)
     tokenizer = _tokenizer(cfg, workdir, train_pairs)
@@ -82,21 +86,20 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         )
 
     # ------------------------------------------------------------------ Model (created or read onto its shards)
-    model, params = _model(cfg, tokenizer, mesh, rules)
+    model, params = _model(cfg, tokenizer, mesh, rules, objective.model_overrides)
     vocab = model.config.vocab_size
     if cfg.peft.methods:
-        model, params = peft.inject(model, params, _peft_spec(cfg, tokenizer), jax.random.key(cfg.train.seed + 1))
+        spec = _peft_spec(cfg, tokenizer, objective.train_rules)
+        model, params = peft.inject(model, params, spec, jax.random.key(cfg.train.seed + 1))
     params = jax.device_put(params, sharding.param_shardings(model, mesh, rules, params))  # new PEFT leaves
 
     # ------------------------------------------------------------------ Tokens, rows, batches
-    template = jdata.TEMPLATES[cfg.data.template]
-    train_examples, train_stats = _tokenize(cfg, train_pairs, tokenizer, vocab)
-    val_examples, val_stats = _tokenize(cfg, val_pairs, tokenizer, vocab)
-    train_rows = jdata.pack(train_examples, cfg.data.seq_len, packed=cfg.data.pack)
-    val_rows = jdata.pack(val_examples, cfg.data.seq_len, packed=cfg.data.pack)
+    data = objective.rows((train_pairs, val_pairs), tokenizer, vocab)
+    train_rows, val_rows = data["train"], data["validation"]
+    train_stats, val_stats = data["train_stats"], data["validation_stats"]
     batches = jdata.Batches(train_rows, cfg.train.batch_size, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
-    _log(main, f"data: {train_stats} -> {len(train_rows)} rows of {cfg.data.seq_len}; validation: {val_stats}")
+    _log(main, f"{objective.name} data: {train_stats} -> {len(train_rows)} rows; validation: {val_stats}")
     # Only now, with config, data, tokenizer and model checked, does the run write anything.
     ckpts = Checkpoints(cfg.train.checkpoint_dir or workdir, cfg.train.keep_checkpoints)
     try:
@@ -113,9 +116,10 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     if cfg.peft.methods:
         labels = peft.labels(params, model.peft)
     else:
-        labels = partition.labels(params, cfg.train.rules, num_layers)
+        labels = partition.labels(params, objective.train_rules + tuple(map(tuple, cfg.train.rules)), num_layers)
     _log(main, partition.summary(params, labels))
     _log(main, f"attention: {attention_lib.describe(cfg.model.attention, cfg.model.attention_chunk)}")
+    params, labels = objective.add_frozen(model, params, labels)  # e.g. a reference policy's copy
     masks = partition.layer_masks(partition.split(params, labels)[0], labels)  # partly frozen layer stacks
     o = cfg.optim
     tx, schedule = make_optimizer(
@@ -143,19 +147,18 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     del params  # the first step donates (and so deletes) these buffers
 
     # ------------------------------------------------------------------ Step
-    train_step = jax.jit(make_train_step(model, tx, schedule, masks, mesh, rules), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, mesh, rules))
+    loss_fn = objective.loss(model, mesh, rules)
+    train_step = jax.jit(make_train_step(loss_fn, tx, schedule, masks), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(loss_fn))
     accum = cfg.train.grad_accum
 
     def validate(state) -> dict:
         params = partition.merge(state.trainable, state.frozen)
-        return evaluate_loss(eval_step, params, val_rows, cfg.train.batch_size, eval_sharding)
+        return objective.summarize(eval_sums(eval_step, params, val_rows, cfg.train.batch_size, eval_sharding))
 
     def generation_metrics(state) -> dict:
-        if not cfg.eval.num_examples:
-            return {}
         params = partition.merge(state.trainable, state.frozen)
-        return generation_report(model, params, tokenizer, val_pairs[: cfg.eval.num_examples], template, cfg.eval)
+        return objective.extra_eval(model, params, tokenizer, val_pairs)
 
     # ------------------------------------------------------------------ Checkpoint
     meta = {"best_loss": None, "bad_evals": 0, "before": None}
@@ -179,16 +182,17 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     preempted = []
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     pending, last_saved = [], ckpts.latest_step
-    progress = _progress(main, int(state.step), total_steps)
+    step = resumed_from  # a host counter: the loop never waits on the device to know the step
+    progress = _progress(main, step, total_steps)
     start, tokens, steps_run = time.perf_counter(), 0, 0
     stop_reason = "done"
     try:
-        while int(state.step) < total_steps:
+        while step < total_steps:
             batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in next(batches).items()}
             batch = sharding.put_batch(batch, batch_sharding)
             state, metrics = train_step(state, batch)
             steps_run += 1
-            step = int(state.step)
+            step += 1
             pending.append((step, metrics))
             flush = step % cfg.train.log_every == 0 or step == total_steps
             evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
@@ -220,7 +224,6 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
-    step = int(state.step)
     ran = {"resumed_from": resumed_from, "steps_run": steps_run}  # proof of what this call did
     _log(main, f"step {step}: {steps_run} steps run here, resumed from step {resumed_from} (0: a fresh start)")
     if preempted:
@@ -241,6 +244,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     writer.close()
     report = {
         "status": stop_reason,
+        "task": objective.name,
         "steps": step,
         **ran,
         "before": meta["before"],
@@ -252,25 +256,11 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     params = sharding.to_host(partition.merge(state.trainable, state.frozen))  # all processes take part
     if main:  # merging and writing run on the host CPU: an accelerator may not hold the whole model
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            _export(cfg, model, params, tokenizer, workdir, report)
+            objective.export(model, params, tokenizer, workdir, report)
+            jeval.write_report(workdir / "report.json", report)
+            _plot(workdir)
     _log(main, f"after fine-tuning: {_fmt(after)}")
     return report
-
-
-def _export(cfg, model, params, tokenizer, workdir: Path, report: dict) -> None:
-    """workdir/adapter (PEFT), workdir/hf (the model, merged), report.json and loss.png."""
-    export_model = model
-    if cfg.peft.methods:
-        report["adapter"] = str(peft.save_adapter(model, params, workdir / "adapter"))
-        export_model, params = peft.merge(model, params)
-    if cfg.export.hf and export_model.peft.methods:
-        left = export_model.peft.methods
-        _log(True, f"no HF export: {left} do not fold into the weights; the adapter is in {report['adapter']}")
-    elif cfg.export.hf:
-        save_hf(export_model, params, workdir / "hf", dtype=cfg.export.dtype or None, tokenizer=tokenizer)
-        report["hf"] = str(workdir / "hf")
-    jeval.write_report(workdir / "report.json", report)
-    _plot(workdir)
 
 
 def evaluate(
@@ -284,20 +274,23 @@ def evaluate(
     """
     check(config)
     cfg = config
-    model, params = load_hf(model_path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg))
+    objective = _objective(cfg)
+    model, params = load_hf(
+        model_path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg), **objective.model_overrides
+    )
     if adapter:
         model, params = peft.load_adapter(model, params, adapter)
     tokenizer = load_tokenizer(model_path)
     if tokenizer is None:
         raise ConfigError(f"{model_path} has no tokenizer; save one beside the model (save_hf(..., tokenizer=))")
     pairs = _records(cfg)[1]
-    template = jdata.TEMPLATES[cfg.data.template]
-    examples, stats = _tokenize(cfg, pairs, tokenizer, model.config.vocab_size)
-    rows = jdata.pack(examples, cfg.data.seq_len, packed=cfg.data.pack)
-    report = evaluate_loss(jax.jit(make_eval_step(model)), params, rows, cfg.train.batch_size)
-    if cfg.eval.num_examples:
-        report.update(generation_report(model, params, tokenizer, pairs[: cfg.eval.num_examples], template, cfg.eval))
-    report.update(model=str(model_path), data=str(stats), **({"adapter": str(adapter)} if adapter else {}))
+    data = objective.rows(([], pairs), tokenizer, model.config.vocab_size)
+    eval_step = jax.jit(make_eval_step(objective.loss(model)))
+    report = objective.summarize(eval_sums(eval_step, params, data["validation"], cfg.train.batch_size))
+    report.update(objective.extra_eval(model, params, tokenizer, pairs))
+    report.update(
+        model=str(model_path), data=data["validation_stats"], **({"adapter": str(adapter)} if adapter else {})
+    )
     jeval.write_report(Path(out), report)
     return report
 
@@ -305,43 +298,10 @@ def evaluate(
 # ---------------------------------------------------------------------------- pieces
 
 
-def evaluate_loss(eval_step, params, rows: list[dict], batch_size: int, batch_sharding=None) -> dict:
-    """Weighted loss and perplexity over all ``rows`` (the last batch padded with empty rows),
-    batches split over the mesh as ``batch_sharding`` says (:func:`jft.sharding.batch_sharding`)."""
-    loss_sum = weight_sum = 0.0
-    tokens = 0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        chunk = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - len(chunk))
-        batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
-        if batch_sharding is not None:
-            batch = sharding.put_batch(batch, batch_sharding)
-        m = jax.device_get(eval_step(params, batch))
-        loss_sum += float(m["loss_sum"])
-        weight_sum += float(m["weight_sum"])
-        tokens += int(m["tokens"])
-    loss = loss_sum / max(weight_sum, 1e-9)
-    return {"loss": loss, "perplexity": jeval.perplexity(loss), "tokens": tokens}
-
-
-def generation_report(model, params, tokenizer, pairs, template, eval_cfg) -> dict:
-    """Greedy generation on validation records that have a reference answer; text metrics."""
-    prompts, refs = [], []
-    for _, record in pairs:
-        rendered = jdata.prompt_and_reference(record, tokenizer, template)
-        if rendered is not None:
-            prompts.append(rendered[0])
-            refs.append(rendered[1])
-    if not prompts:
-        return {}
-    preds = jeval.generate_predictions(
-        model, params, tokenizer, prompts, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size
-    )
-    out = jeval.text_metrics(preds, refs, names=tuple(eval_cfg.metrics))
-    out["examples"] = [
-        {"prompt": p, "reference": r, "prediction": y} for p, r, y in list(zip(prompts, refs, preds, strict=True))[:5]
-    ]
-    return out
+def _objective(cfg) -> Objective:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task!r} is not one of {sorted(TASKS)}")
+    return TASKS[cfg.task](cfg)
 
 
 def _records(cfg):
@@ -351,20 +311,6 @@ def _records(cfg):
     if cfg.data.validation:
         return train, load(cfg.data.validation)
     return jdata.split_validation(train, cfg.data.validation_fraction, cfg.train.seed)
-
-
-def _tokenize(cfg, pairs, tokenizer, vocab_size: int):
-    return jdata.tokenize_records(
-        pairs,
-        tokenizer,
-        vocab_size=vocab_size,
-        max_length=cfg.data.seq_len,
-        overlong=cfg.data.overlong,
-        template=jdata.TEMPLATES[cfg.data.template],
-        prompt_loss_weight=cfg.data.prompt_loss_weight,
-        response_loss_weight=cfg.data.response_loss_weight,
-        fmt=cfg.data.format,
-    )
 
 
 def _tokenizer(cfg, workdir: Path, train_pairs):
@@ -387,8 +333,9 @@ def _tokenizer(cfg, workdir: Path, train_pairs):
     return tokenizer
 
 
-def _model(cfg, tokenizer, mesh, rules):
+def _model(cfg, tokenizer, mesh, rules, objective_overrides):
     overrides = dict(
+        **objective_overrides,
         remat=cfg.model.remat,
         loss_chunk=cfg.model.loss_chunk,
         attention=cfg.model.attention,
@@ -421,7 +368,7 @@ def _model(cfg, tokenizer, mesh, rules):
     return model, model.init_params(jax.random.key(cfg.train.seed), sharding.param_shardings(model, mesh, rules))
 
 
-def _peft_spec(cfg, tokenizer) -> peft.Peft:
+def _peft_spec(cfg, tokenizer, train_rules=()) -> peft.Peft:
     """The :class:`jft.peft.Peft` that ``cfg.peft`` describes (ValueError/ConfigError when it is bad)."""
     p = cfg.peft
     unknown = sorted(set(p.methods) - set(PEFT_METHODS))
@@ -451,7 +398,7 @@ def _peft_spec(cfg, tokenizer) -> peft.Peft:
             ids = tuple(tokenizer(p.prompt.init_text, add_special_tokens=False)["input_ids"])
         kw["prompt"] = peft.Prompt(p.prompt.num_virtual_tokens, p.prompt.init, ids)
     try:
-        return peft.Peft(**kw, train=tuple(tuple(r) for r in p.train))
+        return peft.Peft(**kw, train=tuple(train_rules) + tuple(tuple(r) for r in p.train))
     except ValueError as e:
         raise ConfigError(f"peft: {e}") from None
 
@@ -531,12 +478,15 @@ def _flush(pending: list, ckpt_dir, last_saved) -> dict:
             )
     pending.clear()
     last = fetched[-1]
-    return {
+    logged = {
         "loss": float(np.mean([float(m["loss"]) for m in fetched])),
         "grad_norm": float(last["grad_norm"]),
         "lr": float(last["lr"]),
         "tokens": int(sum(int(m["tokens"]) for m in fetched)),
     }
+    for k in last.keys() - logged.keys() - {"weight"}:  # the objective's own metrics, averaged over the steps
+        logged[k] = float(np.mean([float(m[k]) for m in fetched]))
+    return logged
 
 
 class _Writer:
@@ -612,4 +562,4 @@ def _log(main: bool, message: str) -> None:
         print(message, flush=True)
 
 
-__all__ = ["TrainingError", "evaluate", "evaluate_loss", "fit", "generation_report"]
+__all__ = ["TrainingError", "evaluate", "fit"]

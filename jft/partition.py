@@ -18,12 +18,14 @@ Labels per leaf: ``True`` (trainable), ``False`` (frozen), or a bool numpy vecto
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jft.tree import get_path, has_path, map_paths, set_path, walk
 
 Rules = Sequence[tuple[str, str]]
 
@@ -101,7 +103,7 @@ def labels(params: Mapping, rules: Rules, num_layers: int | None = None) -> dict
 
     if num_layers is None:
         num_layers = next((_shape(x)[0] for p, x in walk(params) if _is_stacked(p) and _shape(x)), 0)
-    return _map(label, params)
+    return map_paths(label, params)
 
 
 def split(params: Mapping, labels: Mapping) -> tuple[dict, dict]:
@@ -140,7 +142,7 @@ def layer_masks(trainable: Mapping, labels: Mapping) -> dict:
             return lab.astype(np.float32).reshape((-1,) + (1,) * (len(_shape(leaf)) - 1))
         return None
 
-    return _map(mask, trainable)
+    return map_paths(mask, trainable)
 
 
 def apply_layer_masks(tree: Any, masks: Any) -> Any:
@@ -167,52 +169,6 @@ def summary(params: Mapping, labels: Mapping) -> str:
         trainable += int(round(size * float(np.mean(get_path(labels, path)))))
     percent = 100.0 * trainable / max(total, 1)
     return f"trainable parameters: {trainable:,} / {total:,} ({percent:.2f}%)"
-
-
-# ---------------------------------------------------------------------------- nested dicts
-
-
-def map_with_path(fn: Callable[[str, Any], Any], tree: Mapping) -> dict:
-    """Nested dict of ``fn("a/b/c", leaf)`` for every leaf of the nested dict ``tree``."""
-    return _map(lambda path, leaf: fn("/".join(path), leaf), tree)
-
-
-def _map(fn: Callable[[tuple[str, ...], Any], Any], tree: Any, prefix: tuple[str, ...] = ()) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _map(fn, v, prefix + (str(k),)) for k, v in tree.items()}
-    return fn(prefix, tree)
-
-
-def walk(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """``(path, leaf)`` for every leaf of a nested dict (anything not a Mapping is a leaf)."""
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            yield from walk(v, prefix + (str(k),))
-    else:
-        yield prefix, tree
-
-
-def get_path(tree, path):
-    """The value at ``path`` (a tuple of keys) of a nested dict."""
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def has_path(tree, path) -> bool:
-    """Whether a nested dict has a value at ``path``."""
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return False
-        tree = tree[k]
-    return True
-
-
-def set_path(tree, path, value) -> None:
-    """Set ``tree[path[0]]...[path[-1]] = value``, creating dicts on the way."""
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
 
 
 def _shape(leaf) -> tuple:

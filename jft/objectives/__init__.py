@@ -1,0 +1,30 @@
+"""Training objectives: each is a loss ``loss_fn(trainable, frozen, batch, rng) -> (loss_sum,
+weight_sum, metrics)`` that :func:`jft.train.make_train_step` turns into a train step.
+
+Every loss returns *sums* (of the loss, of the weight it is averaged over, and of each metric), so
+gradient accumulation is exact for every objective: the step adds the micro-batches' sums and
+divides by the batch's total weight once. ``rng`` is None for an evaluation pass (no dropout, no
+training-only terms), so the same function scores validation data
+(:func:`jft.train.make_eval_step`).
+"""
+
+from jft.objectives.base import Objective, eval_sums
+from jft.objectives.dpo import DPO, dpo_loss, response_log_probs
+from jft.objectives.reward import Reward, bradley_terry_loss, pair_scores
+from jft.objectives.sft import SFT, token_loss
+
+TASKS: dict[str, type[Objective]] = {"sft": SFT, "reward": Reward, "dpo": DPO}  # config.task -> objective
+
+__all__ = [
+    "DPO",
+    "SFT",
+    "TASKS",
+    "Objective",
+    "Reward",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "eval_sums",
+    "pair_scores",
+    "response_log_probs",
+    "token_loss",
+]

@@ -1,0 +1,89 @@
+"""What an objective supplies to the one loop (:func:`jft.train.fit`), and the shared pieces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jft import peft, sharding
+from jft.hf import save_hf
+
+
+class Objective:
+    """A task of the loop. ``fit`` owns setup (mesh, tokenizer, model, PEFT, partition, optimizer,
+    shardings), the loop (checkpoints, exact resume, SIGTERM, non-finite loss, early stopping,
+    TensorBoard, JSONL, progress bar, loss plot) and export; the objective supplies:
+
+    - ``model_overrides``: :class:`jft.LlamaConfig` fields it needs (a score head: ``num_labels``)
+      and ``train_rules``: partition rules for what it adds that must train (before the run's own);
+    - :meth:`add_frozen`: frozen params it keeps beside the model (a reference policy);
+    - :meth:`rows`: its train and validation rows, each a dict of numpy arrays of any keys
+      (:class:`jft.data.Batches` batches them);
+    - :meth:`loss`: ``loss_fn(trainable, frozen, batch, rng) -> (loss_sum, weight_sum, metrics)``,
+      metrics as sums and always with ``tokens``, the count of tokens trained on;
+    - :meth:`summarize`: the validation report (with ``loss``, for early stopping) from the eval
+      step's sums over the validation rows; :meth:`extra_eval`: anything else it reports there;
+    - :meth:`export`: what the run leaves (default: adapter + merged Hugging Face folder).
+    """
+
+    name = ""
+    model_overrides: dict = {}
+    train_rules: tuple = ()
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the run's config (its section for this objective holds its settings)
+
+    def add_frozen(self, model, params, labels):
+        """``(params, labels)`` with anything frozen the objective keeps beside the model (a
+        reference policy's copy); frozen leaves are never checkpointed (rebuilt on resume)."""
+        return params, labels
+
+    def rows(self, records: tuple[list, list], tokenizer, vocab: int) -> dict:
+        """``{"train": rows, "validation": rows, "train_stats": str, "validation_stats": str}``."""
+        raise NotImplementedError
+
+    def loss(self, model, mesh=None, rules=sharding.DEFAULT_RULES):
+        raise NotImplementedError
+
+    def summarize(self, sums: dict) -> dict:
+        raise NotImplementedError
+
+    def extra_eval(self, model, params, tokenizer, records: list) -> dict:
+        return {}
+
+    def export(self, model, params, tokenizer, workdir: Path, report: dict) -> None:
+        """workdir/adapter (PEFT) and workdir/hf (the model, adapters merged)."""
+        cfg, export_model = self.cfg, model
+        if model.peft.methods:
+            report["adapter"] = str(peft.save_adapter(model, params, workdir / "adapter"))
+            export_model, params = peft.merge(model, params)
+        if cfg.export.hf and export_model.peft.methods:
+            left = export_model.peft.methods
+            print(f"no HF export: {left} do not fold into the weights; the adapter is in {report['adapter']}")
+        elif cfg.export.hf:
+            save_hf(export_model, params, workdir / "hf", dtype=cfg.export.dtype or None, tokenizer=tokenizer)
+            report["hf"] = str(workdir / "hf")
+
+
+def eval_sums(eval_step, params, rows: list[dict], batch_size: int, batch_sharding: Any = None) -> dict:
+    """The eval step's outputs summed over all ``rows`` (the last batch padded with all-zero rows,
+    which every objective weighs 0), batches split over the mesh as ``batch_sharding`` says."""
+    total: dict = {}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        chunk = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - len(chunk))
+        batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+        if batch_sharding is not None:
+            batch = sharding.put_batch(batch, batch_sharding)
+        for k, v in jax.device_get(eval_step(params, batch)).items():
+            total[k] = total.get(k, 0) + (int(v) if np.issubdtype(np.asarray(v).dtype, np.integer) else float(v))
+    return total
+
+
+def per_weight(sums: dict, skip=("loss_sum", "weight_sum")) -> dict:
+    """Summed eval metrics as reported: counts as they are, float sums per unit weight."""
+    weight = max(sums.get("weight_sum", 0.0), 1e-9)
+    return {k: v if isinstance(v, int) else v / weight for k, v in sums.items() if k not in skip}
