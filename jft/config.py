@@ -172,6 +172,8 @@ def default_config() -> ConfigDict:
     c.dpo.label_smoothing = 0.0  # assumed share of flipped labels (sigmoid: conservative DPO; robust)
     c.dpo.gamma = 0.5  # simpo's target reward margin (gamma / beta ratio, as trl's simpo_gamma)
     c.dpo.orpo_lambda = 0.1  # orpo: weight of the odds-ratio term beside the chosen NLL
+    # compute the reference's log-probs once before training (workdir/reference_logps.npz) and keep no reference
+    c.dpo.precompute_reference = False
 
     c.export = ConfigDict()
     c.export.hf = True  # write the fine-tuned model as a Hugging Face folder into workdir/hf

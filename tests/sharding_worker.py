@@ -261,10 +261,42 @@ def kernel_on_mesh() -> dict:
     return {"losses": losses}
 
 
+def dpo() -> dict:
+    """DPO with LoRA (the reference: the base with the adapters off) on a 2x2x2 mesh against one
+    device: losses and margins of three steps on preference rows [accum, pairs, 2, t]."""
+    from jft.objectives import dpo_loss
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    settings = type("S", (), dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.5, orpo_lambda=0.1))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, CFG.vocab_size, (1, 8, 2, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[..., 1, 9:] = 0
+    batch = {"input_ids": ids * mask, "attention_mask": mask, "targets": np.roll(ids * mask, -1, -1),
+             "loss_weights": (mask * (np.arange(12) >= 4)).astype(np.float32),
+             "margin": np.zeros((1, 8), np.float32), "weight": np.ones((1, 8), np.float32)}  # fmt: skip
+    tx, schedule = make_optimizer(learning_rate=5e-2, total_steps=10, warmup_steps=0)
+    out = []
+    for on in (None, mesh):
+        model = jft.LlamaForCausalLM(CFG)
+        params = model.init_params(jax.random.key(0), None if on is None else sharding.param_shardings(model, on))
+        model, params = peft.inject(model, params, peft.Peft(lora=peft.Lora(r=4)), jax.random.key(1))
+        if on is not None:
+            params = jax.device_put(params, sharding.param_shardings(model, on, params=params))
+        state = TrainState.create(params, peft.labels(params, model.peft), tx, jax.random.key(2))
+        step = jax.jit(make_train_step(dpo_loss(model, settings, mesh=on), tx, schedule))
+        run_batch = batch if on is None else sharding.put_batch(batch, sharding.batch_sharding(on))
+        out.append([])
+        for _ in range(3):
+            state, m = step(state, run_batch)
+            out[-1].append((float(m["loss"]), float(m["rewards/margins"])))
+    return {"one": out[0], "mesh": out[1]}
+
+
 if __name__ == "__main__":
     commands = {"full": run, "lora": run, "qlora": run, "errors": errors, "checkpoint": checkpoint}
     commands.update(fit=fit, multihost=multihost)
     commands.update(step_memory=step_memory)
-    commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh)
+    commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh, dpo=dpo)
     args = sys.argv[2:] if COMMAND not in ("full", "lora", "qlora") else [COMMAND]
     print(json.dumps(commands[COMMAND](*args)))

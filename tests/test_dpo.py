@@ -18,7 +18,9 @@ CFG = jft.LlamaConfig.tiny(num_hidden_layers=2, pad_token_id=0)
 
 
 def settings(loss="sigmoid", beta=0.1):
-    return types.SimpleNamespace(loss=loss, beta=beta, label_smoothing=0.0, gamma=0.5, orpo_lambda=0.1)
+    return types.SimpleNamespace(
+        loss=loss, beta=beta, label_smoothing=0.0, gamma=0.5, orpo_lambda=0.1, precompute_reference=False
+    )
 
 
 def pair_rows(pairs=3, t=10, seed=0):
@@ -127,3 +129,61 @@ def test_dpo_raises_the_held_out_margin_on_the_demo_pairs(tmp_path):
     assert abs(before["loss"] - np.log(2.0)) < 1e-5 and before["rewards/margins"] == 0.0
     assert after["rewards/margins"] > 0.05 and after["rewards/accuracies"] > 0.65, after
     assert (tmp_path / "run" / "hf" / "config.json").is_file()
+
+
+def test_dpo_steps_accumulate_exactly():
+    """Two micro-batches of pairs give the step one batch of them gives (LoRA, live reference)."""
+    import optax
+
+    from jft.train import TrainState, make_train_step
+
+    base = jft.LlamaForCausalLM(CFG)
+    model, params = peft.inject(
+        base, base.init_params(jax.random.key(0)), peft.Peft(lora=peft.Lora(r=4)), jax.random.key(1)
+    )
+    labels = peft.labels(params, model.peft)
+    tx = optax.sgd(0.1)
+    step = jax.jit(make_train_step(dpo_loss(model, settings()), tx, lambda _: 0.1))
+    rows = pair_rows(pairs=4)
+    rows["weight"][:] = [1.0, 1.0, 1.0, 0.0]
+    out = []
+    for n in (1, 2):
+        batch = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in rows.items()}
+        state, metrics = step(TrainState.create(params, labels, tx, jax.random.key(2)), batch)
+        out.append((state.trainable, metrics))
+    np.testing.assert_allclose(out[0][1]["loss"], out[1][1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(out[0][1]["rewards/margins"], out[1][1]["rewards/margins"], atol=1e-7)
+    for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_precomputed_reference_equals_the_live_one_and_is_read_back(tmp_path, monkeypatch):
+    import jft.objectives.dpo as dpo_module
+
+    model = jft.LlamaForCausalLM(CFG)
+    params = model.init_params(jax.random.key(0))
+    rows = [{k: v[i] for k, v in pair_rows(pairs=3).items()} for i in range(3)]
+    cfg = types.SimpleNamespace(dpo=types.SimpleNamespace(**{**vars(settings()), "precompute_reference": True}))
+    cfg.train = types.SimpleNamespace(batch_size=2)
+    objective = DPO(cfg)
+    data = {"train": rows[:2], "validation": rows[2:]}
+    prepared = objective.prepare_rows(model, params, data, tmp_path)
+    assert (tmp_path / "reference_logps.npz").is_file()
+    labels = jax.tree.map(lambda _: True, params)
+    assert objective.add_frozen(model, params, labels)[0] is params  # no reference kept
+    live_params, live_labels = DPO(types.SimpleNamespace(dpo=settings())).add_frozen(model, params, labels)
+    batch = {k: np.stack([r[k] for r in prepared["train"]]) for k in prepared["train"][0]}
+    trained = jax.tree.map(lambda x: x * 1.01, params)  # a policy that moved: rewards are not 0
+    with_ref = dpo_loss(model, settings())(trained, {}, batch, None)
+    live = dpo_loss(model, settings())(
+        {**trained, "reference": live_params["reference"]},
+        {},
+        {k: v for k, v in batch.items() if k != "ref_logps"},
+        None,
+    )
+    np.testing.assert_allclose(with_ref[0], live[0], rtol=1e-5)
+    np.testing.assert_allclose(with_ref[2]["rewards/chosen"], live[2]["rewards/chosen"], rtol=1e-4)
+    assert abs(float(live[2]["rewards/chosen"])) > 1e-5
+    monkeypatch.setattr(dpo_module, "reference_log_probs", lambda *a: pytest.fail("recomputed on resume"))
+    again = objective.prepare_rows(model, params, data, tmp_path)  # a resume reads the file
+    np.testing.assert_array_equal(again["validation"][0]["ref_logps"], prepared["validation"][0]["ref_logps"])

@@ -210,3 +210,11 @@ def test_an_attention_kernel_runs_per_device_inside_a_meshs_train_step():
     for a, b in zip(one, mesh, strict=True):
         assert abs(a - b) < 1e-5 * max(1.0, abs(a))
     assert one[2] < one[0]  # it trains
+
+
+def test_dpo_on_a_2x2x2_mesh_trains_like_one_device():
+    result = worker("dpo")
+    for (l1, m1), (l8, m8) in zip(result["one"], result["mesh"], strict=True):
+        assert abs(l1 - l8) < 1e-5 and abs(m1 - m8) < 1e-5
+    assert abs(result["one"][0][0] - 0.6931472) < 1e-5  # policy == reference at the start: log 2
+    assert result["one"][1][1] > 0.05  # the first update opens a margin

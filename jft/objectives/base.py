@@ -19,6 +19,7 @@ class Objective:
 
     - ``model_overrides``: :class:`jft.LlamaConfig` fields it needs (a score head: ``num_labels``)
       and ``train_rules``: partition rules for what it adds that must train (before the run's own);
+    - :meth:`prepare_rows`: values computed once from the starting model into its rows;
     - :meth:`add_frozen`: frozen params it keeps beside the model (a reference policy);
     - :meth:`rows`: its train and validation rows, each a dict of numpy arrays of any keys
       (:class:`jft.data.Batches` batches them);
@@ -35,6 +36,11 @@ class Objective:
 
     def __init__(self, cfg):
         self.cfg = cfg  # the run's config (its section for this objective holds its settings)
+
+    def prepare_rows(self, model, params, data: dict, workdir: Path) -> dict:
+        """The rows of :meth:`rows` with anything computed once from the starting model (reference
+        log-probabilities); default: unchanged."""
+        return data
 
     def add_frozen(self, model, params, labels):
         """``(params, labels)`` with anything frozen the objective keeps beside the model (a

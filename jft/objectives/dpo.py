@@ -5,10 +5,12 @@ log-probabilities of chosen and rejected responses against a reference policy's
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jft import partition, sharding, tree
 from jft.losses import sequence_log_probs
@@ -76,6 +78,8 @@ def dpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.
             logp, count, collections = response_log_probs(model, policy, batch, rng)
             if free:
                 ref = (None, None)
+            elif "ref_logps" in batch:  # precomputed before training (dpo.precompute_reference)
+                ref = (batch["ref_logps"][:, 0], batch["ref_logps"][:, 1])
             else:
                 ref_logp = response_log_probs(ref_model, jax.lax.stop_gradient(ref_params_of(params)), batch)[0]
                 ref = (ref_logp[:, 0], ref_logp[:, 1])
@@ -111,6 +115,17 @@ def dpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.
     return loss_fn
 
 
+def reference_log_probs(score, params, rows: list[dict], batch_size: int) -> np.ndarray:
+    """``[rows, 2]`` float32 ``score(params, batch)`` over ``rows`` in batches (the last one padded)."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        padded = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - len(chunk))
+        batch = {k: np.stack([r[k] for r in padded]) for k in chunk[0]}
+        out.append(np.asarray(jax.device_get(score(params, batch)))[: len(chunk)])
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 2), np.float32)
+
+
 class DPO(Objective):
     """Preference optimization on ``{"prompt", "chosen", "rejected"}`` pairs (as for reward models).
     The reference policy: under PEFT the base with the adapters off (no second copy, as long as no
@@ -125,8 +140,32 @@ class DPO(Objective):
 
         return Reward(self.cfg).rows(records, tokenizer, vocab)
 
+    def prepare_rows(self, model, params, data, workdir):
+        """With ``dpo.precompute_reference``: the reference's log-probabilities of every pair, computed
+        once before training (or read back on resume) from ``workdir/reference_logps.npz``, go into
+        the rows as ``ref_logps [2]``; the reference is then not kept at all."""
+        if not self.cfg.dpo.precompute_reference or self.cfg.dpo.loss in REFERENCE_FREE:
+            return data
+        file = Path(workdir) / "reference_logps.npz"
+        sizes = {split: len(data[split]) for split in ("train", "validation")}
+        saved = dict(np.load(file)) if file.is_file() else {}
+        if {k: len(v) for k, v in saved.items()} != sizes:
+            ref_model, ref_params_of = reference_of(model)
+            score = jax.jit(lambda p, b: response_log_probs(ref_model, ref_params_of(p), b)[0])
+            saved = {
+                split: reference_log_probs(score, params, data[split], self.cfg.train.batch_size) for split in sizes
+            }
+            if jax.process_index() == 0:
+                tmp = file.with_name(".reference_logps.tmp.npz")
+                np.savez(tmp, **saved)
+                tmp.replace(file)
+        out = dict(data)
+        for split in sizes:
+            out[split] = [{**row, "ref_logps": ref} for row, ref in zip(data[split], saved[split], strict=True)]
+        return out
+
     def add_frozen(self, model, params, labels):
-        if self.cfg.dpo.loss in REFERENCE_FREE:
+        if self.cfg.dpo.loss in REFERENCE_FREE or self.cfg.dpo.precompute_reference:
             return params, labels
         base_trains = model.peft.methods and any(
             bool(jax.numpy.any(tree.get_path(labels, p))) for p, _ in tree.walk(reference_of(model)[1](params))

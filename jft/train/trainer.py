@@ -110,6 +110,10 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     if main and not (workdir / "tokenizer").is_dir():  # renamed into place: never seen half-written
         tokenizer.save_pretrained(workdir / ".tokenizer.tmp")
         os.replace(workdir / ".tokenizer.tmp", workdir / "tokenizer")
+    prepared = objective.prepare_rows(model, params, data, workdir)  # after the checks: it may write there
+    if prepared is not data:
+        train_rows, val_rows = prepared["train"], prepared["validation"]
+        batches = jdata.Batches(train_rows, cfg.train.batch_size, cfg.train.seed)
 
     # ------------------------------------------------------------------ Partition + optimizer
     num_layers = model.config.num_hidden_layers
