@@ -187,3 +187,18 @@ def test_a_precomputed_reference_equals_the_live_one_and_is_read_back(tmp_path, 
     monkeypatch.setattr(dpo_module, "reference_log_probs", lambda *a: pytest.fail("recomputed on resume"))
     again = objective.prepare_rows(model, params, data, tmp_path)  # a resume reads the file
     np.testing.assert_array_equal(again["validation"][0]["ref_logps"], prepared["validation"][0]["ref_logps"])
+
+
+def test_dpo_on_a_4_bit_base_uses_the_quantized_base_as_reference(hf_model_dir):
+    """QLoRA: the reference is the NF4 base with the adapters off; at the start policy == reference."""
+    base, base_params = jft.load_hf(hf_model_dir("llama_gqa"), quantize="nf4")
+    model, params = peft.inject(base, base_params, peft.Peft(lora=peft.Lora(r=4)), jax.random.key(1))
+    labels = peft.labels(params, model.peft)
+    trainable, frozen = partition.split(params, labels)
+    rows = pair_rows()
+    rows["input_ids"] = rows["input_ids"] % base.config.vocab_size
+    rows["targets"] = rows["targets"] % base.config.vocab_size
+    loss_sum, weight_sum, m = dpo_loss(model, settings())(trainable, frozen, rows, None)
+    np.testing.assert_allclose(loss_sum / weight_sum, np.log(2.0), rtol=1e-6)
+    grads = jax.grad(lambda tr: dpo_loss(model, settings())(tr, frozen, rows, jax.random.key(0))[0])(trainable)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
