@@ -74,6 +74,22 @@ class Objective:
             report["hf"] = str(workdir / "hf")
 
 
+def hidden_states(model: Any, params, input_ids, rng=None, **inputs) -> tuple[jax.Array, dict]:
+    """``(final hidden states [b, t, embed], collections)`` of one forward for a loss: in training
+    (``rng`` given) with dropout and the model's training collections (:attr:`loss_collections`,
+    for :meth:`training_loss`), in evaluation (``rng=None``) without either. ``inputs``: the
+    model's other arguments (``positions``, ``segment_ids``, ``attention_mask``)."""
+    train = rng is not None
+    return model.apply(
+        {"params": params},
+        input_ids,
+        **inputs,
+        hidden_only=True,
+        rngs={"dropout": rng} if train else {},
+        mutable=list(model.loss_collections) if train else [],
+    )
+
+
 def eval_sums(eval_step, params, rows: list[dict], batch_size: int, batch_sharding: Any = None) -> dict:
     """The eval step's outputs summed over all ``rows`` (the last batch padded with all-zero rows,
     which every objective weighs 0), batches split over the mesh as ``batch_sharding`` says."""

@@ -15,7 +15,7 @@ import numpy as np
 from jft import partition, sharding, tree
 from jft.losses import sequence_log_probs
 from jft.models.peft_spec import Peft
-from jft.objectives.base import Objective, per_weight
+from jft.objectives.base import Objective, hidden_states, per_weight
 from jft.objectives.preference_losses import REFERENCE_FREE, preference_loss
 from jft.objectives.sft import head
 
@@ -28,15 +28,7 @@ def response_log_probs(model: Any, params: Mapping, batch: Mapping, rng=None) ->
     then rejected, from one forward over both sides through the memory-lean loss head."""
     pairs = batch["input_ids"].shape[0]
     flat = {k: batch[k].reshape(2 * pairs, -1) for k in ("input_ids", "attention_mask", "targets", "loss_weights")}
-    train = rng is not None
-    hidden, collections = model.apply(
-        {"params": params},
-        flat["input_ids"],
-        attention_mask=flat["attention_mask"],
-        hidden_only=True,
-        rngs={"dropout": rng} if train else {},
-        mutable=list(model.loss_collections) if train else [],
-    )
+    hidden, collections = hidden_states(model, params, flat["input_ids"], rng, attention_mask=flat["attention_mask"])
     logp, count = sequence_log_probs(
         hidden, head(model, params), flat["targets"], flat["loss_weights"], model.config.loss_chunk
     )

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jft import partition, sharding
 from jft.models.llama import last_token_scores
-from jft.objectives.base import Objective, per_weight
+from jft.objectives.base import Objective, hidden_states, per_weight
 
 
 def pair_scores(model: Any, params: Mapping, batch: Mapping, rng=None) -> tuple[jax.Array, dict]:
@@ -21,15 +21,7 @@ def pair_scores(model: Any, params: Mapping, batch: Mapping, rng=None) -> tuple[
     pairs = batch["input_ids"].shape[0]
     ids = batch["input_ids"].reshape(2 * pairs, -1)
     mask = batch["attention_mask"].reshape(2 * pairs, -1)
-    train = rng is not None
-    hidden, collections = model.apply(
-        {"params": params},
-        ids,
-        attention_mask=mask,
-        hidden_only=True,
-        rngs={"dropout": rng} if train else {},
-        mutable=list(model.loss_collections) if train else [],
-    )
+    hidden, collections = hidden_states(model, params, ids, rng, attention_mask=mask)
     return last_token_scores(model, params, hidden, mask)[:, 0].reshape(pairs, 2), collections
 
 

@@ -13,7 +13,7 @@ from jft import data as jdata
 from jft import evaluate as jeval
 from jft import partition, sharding
 from jft.losses import chunked_cross_entropy
-from jft.objectives.base import Objective, per_weight
+from jft.objectives.base import Objective, hidden_states, per_weight
 
 Batch = Mapping[str, jax.Array]
 
@@ -35,14 +35,8 @@ def token_loss(model: Any, mesh: Any = None, rules: Any = sharding.DEFAULT_RULES
         params = partition.merge(trainable, frozen)
         train = rng is not None
         with sharding.scope(mesh, rules):
-            hidden, collections = model.apply(
-                {"params": params},
-                batch["input_ids"],
-                positions=batch["positions"],
-                segment_ids=batch["segment_ids"],
-                hidden_only=True,
-                rngs={"dropout": rng} if train else {},
-                mutable=list(model.loss_collections) if train else [],
+            hidden, collections = hidden_states(
+                model, params, batch["input_ids"], rng, positions=batch["positions"], segment_ids=batch["segment_ids"]
             )
             loss_sum, weight_sum = chunked_cross_entropy(
                 hidden,
