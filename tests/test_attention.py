@@ -198,3 +198,17 @@ def test_rows_that_cudnn_takes_exactly():
     assert bool(ok) and lengths.tolist() == [3, 4, 1]
     for rows in ([[1, 1, 2, 0]], [[0, 1, 1, 1]], [[1, 0, 1, 0]]):  # packed, left-padded, gap
         assert not bool(one_segment_rows(jnp.asarray(rows))[0]), rows
+
+
+def test_a_long_call_after_the_cache_is_filled_matches_one_pass():
+    """A prefill, then a continuation longer than a chunk with the KV cache: chunked attention over
+    the cached and the new keys together gives the logits of one pass over the whole sequence."""
+    cfg = jft.LlamaConfig.tiny(num_hidden_layers=2, attention_chunk=8)
+    model = jft.LlamaForCausalLM(cfg)
+    params = model.init_params(jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(4).integers(3, cfg.vocab_size, size=(1, 26)), jnp.int32)
+    whole = model.apply({"params": params}, ids)
+    cache = model.init_cache(1, 32)
+    first, cache = model.apply({"params": params}, ids[:, :6], cache=cache)
+    rest, _ = model.apply({"params": params}, ids[:, 6:], cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), whole, atol=2e-5, rtol=0)

@@ -366,8 +366,10 @@ class Decoder(nn.Module):
             )
         ]
         kv_cache = None
-        if not first_call:  # cached slots all precede the new tokens
-            visibility.append(Visibility(q_pos=cache.index + jnp.arange(t), k_valid=cache.mask))
+        if not first_call:  # cached slots all precede the new tokens; positions in the cache's stream
+            stream = cache.index + jnp.arange(t)
+            visibility[0] = visibility[0].replace(q_pos=stream, k_pos=stream)
+            visibility.append(Visibility(q_pos=stream, k_valid=cache.mask))
             kv_cache = (cache.k, cache.v)
         cos, sin = rope_angles(positions, rope_inv_freq(cfg.head_size, cfg.rope_theta, _dict(cfg.rope_scaling)))
         prefix_kv = self.prefix() if peft.prefix is not None else None
