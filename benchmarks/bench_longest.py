@@ -9,7 +9,8 @@ weights. Each side gets its best memory setting: transformers recomputes every d
 the backward pass (activation checkpointing, `activation_checkpointing_enable()`, the new name of
 `gradient_checkpointing_enable()`) with sdpa attention; jft runs its defaults (remat
 "nothing_saveable" per layer, attention "auto" = chunked flash attention off TPU/GPU, the loss
-head in chunks).
+head in chunks) plus its long-context setting `model.mlp_chunk` = 512 (each layer's MLP over 512
+positions at a time).
 
 Every tested length runs in a fresh process that builds the model, runs one real train step and
 reports its peak: the peak resident set size during the step (Linux VmHWM, reset through
@@ -46,6 +47,7 @@ from shapes import LLAMA_30M
 CHILD = "child"
 MIB = 2**20
 RANK, ALPHA = 8, 16.0
+MLP_CHUNK = 512
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -78,7 +80,7 @@ def jft_step(length: int, max_len: int, base_file: str) -> dict:
     from jft.objectives import token_loss
     from jft.train import TrainState, make_optimizer, make_train_step
 
-    model = LlamaForCausalLM(LlamaConfig(**size(max_len)))  # defaults: remat per layer, attention auto
+    model = LlamaForCausalLM(LlamaConfig(**size(max_len), mlp_chunk=MLP_CHUNK))  # remat per layer, attention auto
     params = model.init_params(jax.random.key(0))
     spec = peft.Peft(lora=peft.Lora(r=RANK, alpha=ALPHA, targets=TARGETS))
     model, params = peft.inject(model, params, spec, jax.random.key(1))
@@ -112,7 +114,7 @@ def jft_step(length: int, max_len: int, base_file: str) -> dict:
 def _attention(cfg) -> str:
     from jft.models import attention
 
-    return attention.describe(cfg.attention, cfg.attention_chunk)
+    return attention.describe(cfg.attention, cfg.attention_chunk) + f"; MLP over {cfg.mlp_chunk}-position chunks"
 
 
 def peft_step(length: int, max_len: int, base_file: str) -> dict:

@@ -67,7 +67,8 @@ def _eval(args, overrides) -> int:
     from jft.config import load_config
     from jft.train import evaluate
 
-    report = evaluate(load_config(args.config, overrides), args.model, args.out, adapter=args.adapter)
+    config = load_config(args.config, overrides)
+    report = evaluate(config, args.model, args.out, adapter=args.adapter, reference=args.reference)
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
     print(f"report: {args.out}")
     return 0
@@ -111,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--process-id", type=int, default=None, help="multi-host run: this process's id (0 ...)")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="loss, perplexity and generation metrics of a model on a config's data")
+    ev = sub.add_parser("eval", help="a model's validation metrics on a config's data (loss, perplexity, ...)")
     ev.add_argument("--config", required=True, help="config file whose data.validation (or split) is scored")
     ev.add_argument("--model", required=True, help="Hugging Face model folder, e.g. WORKDIR/hf")
     ev.add_argument("--out", required=True, help="JSON report file to write")
     ev.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
+    ev.add_argument(
+        "--reference", default=None, help="DPO configs: the reference policy's folder (the model training started from)"
+    )
     ev.set_defaults(func=_eval)
 
     merge = sub.add_parser(

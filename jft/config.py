@@ -45,6 +45,9 @@ def default_config() -> ConfigDict:
     # elsewhere; or xla (whole scores, quadratic memory) | chunked | splash | cudnn (jft.models.attention)
     c.model.attention = "auto"
     c.model.attention_chunk = 512  # tokens per block of the chunked attention (memory ~ block x length)
+    # > 0: run each layer's MLP over this many positions at a time, recomputed in the backward pass
+    # (long context: the [batch, t, intermediate] activations exist for one chunk); 0 = whole rows
+    c.model.mlp_chunk = 0
     c.model.quantize = ""  # "" | nf4 | int4: 4-bit frozen linear kernels (QLoRA; needs model.path and PEFT)
     c.model.quantize_skip = ("lm_head",)  # linear modules kept unquantized (embeddings, norms never are)
     c.model.quant_block_size = 64  # values per quantization block

@@ -72,3 +72,22 @@ def hf_model_dir(tmp_path_factory):
         return built[variant]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hf_base(hf_model_dir, tmp_path_factory):
+    """A tiny HF Llama folder with a tokenizer, and a small text data file."""
+    import json
+    import shutil
+
+    from test_hf import tiny_tokenizer
+
+    import jft
+
+    folder = tmp_path_factory.mktemp("peft_base")
+    shutil.copytree(hf_model_dir("llama_gqa"), folder, dirs_exist_ok=True)
+    model, params = jft.load_hf(folder)
+    jft.save_hf(model, params, folder, tokenizer=tiny_tokenizer())
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "hello world " * (i % 5 + 1)}) + "\n" for i in range(40)))
+    return folder, data

@@ -3,6 +3,7 @@ grows linearly with the length; the choice of implementation per backend."""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,10 +156,15 @@ def test_generation_with_a_chunked_prefill_matches():
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def train_step_temporaries(impl: str, length: int) -> float:
+def train_step_temporaries(impl: str, length: int, mlp_chunk: int = 0) -> float:
     """MiB of temporaries of the compiled forward + backward of a 2-layer, 256-wide model."""
     cfg = jft.LlamaConfig.tiny(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=512, attention=impl
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        vocab_size=512,
+        attention=impl,
+        mlp_chunk=mlp_chunk,
     )
     model = jft.LlamaForCausalLM(cfg)
     params = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
@@ -179,6 +185,36 @@ def test_train_step_memory_grows_linearly_with_the_length():
     assert chunked[1] / chunked[0] < 5 and chunked[2] / chunked[1] < 5, chunked
     whole = [train_step_temporaries("xla", n) for n in (4096, 16384)]
     assert whole[1] / whole[0] > 10 and whole[1] > 10 * chunked[2], (whole, chunked)
+
+
+def test_the_tiled_mlp_gives_the_same_logits_and_gradients():
+    """model.mlp_chunk: the MLP over 8 positions at a time (30 positions: the last chunk padded),
+    with LoRA on its projections; same parameters, logits and gradients as whole rows."""
+    cfg = jft.LlamaConfig.tiny(num_hidden_layers=2)
+    spec = peft.Peft(lora=peft.Lora(r=4, alpha=8.0, targets=("gate_proj", "up_proj", "down_proj")))
+    model, params = peft.inject(
+        jft.LlamaForCausalLM(cfg), jft.LlamaForCausalLM(cfg).init_params(jax.random.key(0)), spec, jax.random.key(1)
+    )
+    params = jax.tree.map(lambda p: p + 0.01, params)  # LoRA's B starts at zero: make its gradient path count
+    tiled = model.clone(config=dataclasses.replace(cfg, mlp_chunk=8))
+    ids = jnp.asarray(np.random.default_rng(5).integers(3, cfg.vocab_size, size=(2, 30)), jnp.int32)
+    shapes = jax.eval_shape(lambda: nn.unbox(tiled.init(jax.random.key(0), ids)["params"]))  # through the tiles
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+
+    def loss(m, p):
+        return jnp.mean(m.apply({"params": p}, ids) ** 2)
+
+    (l0, g0), (l1, g1) = (jax.value_and_grad(loss, 1)(m, params) for m in (model, tiled))
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_the_tiled_mlp_cuts_the_step_memory():
+    """Measured 2026-12-02: 119 / 471 MiB of temporaries at 4k / 16k tokens whole, 77 / 297 MiB with
+    mlp_chunk=256."""
+    whole, tiled = train_step_temporaries("auto", 4096), train_step_temporaries("auto", 4096, mlp_chunk=256)
+    assert tiled < 0.8 * whole, (tiled, whole)
 
 
 def test_implementation_by_backend_and_clear_errors():

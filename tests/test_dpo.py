@@ -202,3 +202,64 @@ def test_dpo_on_a_4_bit_base_uses_the_quantized_base_as_reference(hf_model_dir):
     np.testing.assert_allclose(loss_sum / weight_sum, np.log(2.0), rtol=1e-6)
     grads = jax.grad(lambda tr: dpo_loss(model, settings())(tr, frozen, rows, jax.random.key(0))[0])(trainable)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_a_preempted_dpo_run_resumes_exactly_and_jft_eval_scores_it_against_its_reference(
+    hf_base, tmp_path, monkeypatch
+):
+    """LoRA DPO on a Hugging Face folder: a SIGTERM during step 4 checkpoints and stops, the same
+    command resumes and ends where an uninterrupted run ends; ``jft eval`` then reproduces the
+    final validation metrics from the exported model against ``--reference`` (the base folder), and
+    from the base + adapter without one."""
+    import json
+    import os
+    import signal
+    from pathlib import Path
+
+    import jft.train.trainer as trainer
+    from jft.cli import main
+    from jft.config import ConfigError, load_config
+    from jft.train import evaluate, fit
+
+    folder, _ = hf_base
+    data = Path(jft.__file__).parent / "assets" / "en_fr_preferences.jsonl"
+    over = [
+        f"model.path={folder}", f"data.train={data}", "data.seq_len=40", "data.overlong=truncate",
+        "data.validation_fraction=0.05", "model.compute_dtype=float32", "train.batch_size=4", "train.max_steps=6",
+        "train.checkpoint_every=0", "train.log_every=1", "train.eval_every=0", "peft.lora.r=2",
+        "optim.learning_rate=1e-2",
+    ]  # fmt: skip
+    config = lambda: load_config("configs/dpo_llama.py", over)  # noqa: E731
+    straight = fit(config(), tmp_path / "straight")
+
+    flush = trainer._flush
+
+    def preempt_at_step_4(pending, *args):
+        if pending[-1][0] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return flush(pending, *args)
+
+    monkeypatch.setattr(trainer, "_flush", preempt_at_step_4)
+    run = tmp_path / "run"
+    assert fit(config(), run) == {"status": "preempted", "step": 4, "resumed_from": 0, "steps_run": 4}
+    monkeypatch.setattr(trainer, "_flush", flush)
+    resumed = fit(config(), run)
+    assert (resumed["resumed_from"], resumed["steps_run"]) == (4, 2)
+    after = resumed["after"]
+    assert after["rewards/margins"] != 0.0  # the policy moved away from its reference
+    for k, v in straight["after"].items():
+        np.testing.assert_allclose(after[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+    out = tmp_path / "eval.json"
+    args = ["eval", "--config", "configs/dpo_llama.py", *(f"--config.{o}" for o in over), "--out", str(out)]
+    assert main([*args, "--model", str(run / "hf"), "--reference", str(folder)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["reference"] == str(folder)
+    with_adapter = evaluate(config(), folder, tmp_path / "eval2.json", adapter=run / "adapter")
+    for got in (merged, with_adapter):
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+            np.testing.assert_allclose(got[k], after[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    with pytest.raises(ConfigError, match="pass --reference FOLDER"):
+        evaluate(config(), run / "hf", out)
+    with pytest.raises(ConfigError, match="reference-free; drop --reference"):
+        evaluate(load_config("configs/dpo_llama.py", [*over, "dpo.loss=simpo"]), run / "hf", out, reference=folder)

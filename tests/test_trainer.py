@@ -300,22 +300,6 @@ def test_partial_config_on_a_hugging_face_folder_then_jft_eval(hf_model_dir, tmp
     assert "unknown config key 'optim.lr'" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def hf_base(hf_model_dir, tmp_path_factory):
-    """A tiny HF Llama folder with a tokenizer, and a small text data file."""
-    import shutil
-
-    from test_hf import tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("peft_base")
-    shutil.copytree(hf_model_dir("llama_gqa"), folder, dirs_exist_ok=True)
-    model, params = jft.load_hf(folder)
-    jft.save_hf(model, params, folder, tokenizer=tiny_tokenizer())
-    data = folder / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": "hello world " * (i % 5 + 1)}) + "\n" for i in range(40)))
-    return folder, data
-
-
 def _peft_overrides(folder, data, steps=3):
     return [
         f"--config.model.path={folder}",

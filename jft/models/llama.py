@@ -78,6 +78,7 @@ class LlamaConfig:
     num_labels: int = 0  # > 0: sequence classification, a "score" head [embed, num_labels] instead of lm_head
     attention: str = "auto"  # auto|xla|chunked|splash|cudnn (jft.models.attention)
     attention_chunk: int = 512  # tokens per block of the chunked attention
+    mlp_chunk: int = 0  # > 0: the MLP runs over this many sequence positions at a time, recomputed (memory)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -96,6 +97,8 @@ class LlamaConfig:
             raise ValueError(f"num_labels={self.num_labels} must be >= 0 (0: a causal LM head)")
         if self.attention_chunk < 1:
             raise ValueError(f"attention_chunk={self.attention_chunk} must be >= 1")
+        if self.mlp_chunk < 0:
+            raise ValueError(f"mlp_chunk={self.mlp_chunk} must be >= 0 (0: the whole sequence at once)")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: sized from the vocabulary)")
         if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
@@ -185,6 +188,33 @@ class MLP(nn.Module):
         hidden = swiglu(gate, proj("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
         hidden = constrain(hidden, ("batch", None, "mlp"))
         return proj("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
+
+
+class _MLPStep(MLP):
+    """The MLP as a scan body: ``(carry, chunk) -> (carry, MLP(chunk))``, same parameter names."""
+
+    def __call__(self, carry, x):
+        return carry, super().__call__(x)
+
+
+def tiled_mlp(cfg: LlamaConfig, peft: Peft, x: Array, name: str) -> Array:
+    """The MLP over ``cfg.mlp_chunk`` sequence positions at a time, each chunk recomputed in the
+    backward pass: the ``[b, t, intermediate]`` activations (about ``6 x intermediate`` floats per
+    token with their gradients, most of a layer's memory) exist for one chunk only. The MLP is
+    token-wise, so the result equals the untiled one; parameters are shared by all chunks and keep
+    the MLP's names. Rows shorter than two chunks run untiled."""
+    b, t, d = x.shape
+    c = cfg.mlp_chunk
+    if not c or t <= c:
+        return MLP(cfg, peft, name=name)(x)
+    n = -(-t // c)
+    xs = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0))).reshape(b, n, c, d)
+    body = nn.remat(_MLPStep, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    scan = nn.scan(
+        body, variable_broadcast="params", split_rngs={"params": False, "dropout": True}, in_axes=1, out_axes=1
+    )
+    _, y = scan(cfg, peft, name=name)(None, xs)
+    return y.reshape(b, n * c, d)[:, :t]
 
 
 class _Kernel(nn.Module):
@@ -285,7 +315,7 @@ class DecoderLayer(nn.Module):
             h = Bottleneck(adapter, dt, pdt, name="attn_adapter")(h, phm_rule)
         x = x + h
         h = norm("post_attention_layernorm")(x)
-        h = MoE(cfg, name="block_sparse_moe")(h) if cfg.num_local_experts else MLP(cfg, self.peft, name="mlp")(h)
+        h = MoE(cfg, name="block_sparse_moe")(h) if cfg.num_local_experts else tiled_mlp(cfg, self.peft, h, "mlp")
         if adapter is not None:
             h = Bottleneck(adapter, dt, pdt, name="mlp_adapter")(h, phm_rule)
         return constrain(x + h, ("batch", None, None)), new_kv

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from jft import peft, sharding
+from jft.config import ConfigError
 from jft.hf import save_hf
 
 
@@ -20,7 +21,8 @@ class Objective:
     - ``model_overrides``: :class:`jft.LlamaConfig` fields it needs (a score head: ``num_labels``)
       and ``train_rules``: partition rules for what it adds that must train (before the run's own);
     - :meth:`prepare_rows`: values computed once from the starting model into its rows;
-    - :meth:`add_frozen`: frozen params it keeps beside the model (a reference policy);
+    - :meth:`add_frozen`: frozen params it keeps beside the model (a reference policy), and
+      :meth:`add_reference`: the same for evaluating a model folder against another one;
     - :meth:`rows`: its train and validation rows, each a dict of numpy arrays of any keys
       (:class:`jft.data.Batches` batches them);
     - :meth:`loss`: ``loss_fn(trainable, frozen, batch, rng) -> (loss_sum, weight_sum, metrics)``,
@@ -46,6 +48,14 @@ class Objective:
         """``(params, labels)`` with anything frozen the objective keeps beside the model (a
         reference policy's copy); frozen leaves are never checkpointed (rebuilt on resume)."""
         return params, labels
+
+    def add_reference(self, model, params, reference: dict | None):
+        """Params to evaluate ``model`` with, given ``reference``: the params of a model folder the
+        objective compares against (``jft eval --reference``; DPO's reference policy), or None.
+        Default: the objective compares against nothing, so a reference is an error."""
+        if reference is not None:
+            raise ConfigError(f"task={self.name!r} compares against no reference model; drop --reference")
+        return params
 
     def rows(self, records: tuple[list, list], tokenizer, vocab: int) -> dict:
         """``{"train": rows, "validation": rows, "train_stats": str, "validation_stats": str}``."""

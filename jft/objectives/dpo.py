@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import partition, sharding, tree
+from jft.config import ConfigError
 from jft.losses import sequence_log_probs
 from jft.models.peft_spec import Peft
 from jft.objectives.base import Objective, hidden_states, per_weight
@@ -166,6 +167,33 @@ class DPO(Objective):
             return params, labels  # the base leaves, frozen, are the reference
         ref = jax.tree.map(jnp.copy, reference_of(model)[1](params))
         return {**params, REFERENCE: ref}, {**labels, REFERENCE: jax.tree.map(lambda _: False, ref)}
+
+    def add_reference(self, model, params, reference):
+        """``reference``: the params of the folder the policy started from (checked against the
+        model's base tensors); without one the model's PEFT base with the adapters off is the
+        reference, and a model without adapters has none (an error that says what to pass)."""
+        kind = self.cfg.dpo.loss
+        if kind in REFERENCE_FREE:
+            if reference is not None:
+                raise ConfigError(f"dpo.loss={kind!r} is reference-free; drop --reference")
+            return params
+        if reference is None:
+            if model.peft.methods:
+                return params  # the base with the adapters off
+            raise ConfigError(
+                f"dpo.loss={kind!r} scores the policy against a reference: pass --reference FOLDER (the model "
+                "training started from), or --model BASE --adapter ADAPTER (the base is then the reference)"
+            )
+        want, got = (
+            {"/".join(p): v.shape for p, v in tree.walk(t)} for t in (reference_of(model)[1](params), reference)
+        )
+        for name in sorted(want.keys() | got.keys()):
+            if want.get(name) != got.get(name):
+                raise ConfigError(
+                    f"--reference: tensor {name} is {got.get(name, 'missing')} where the model's is "
+                    f"{want.get(name, 'missing')}; pass the folder this policy was trained from"
+                )
+        return {**params, REFERENCE: reference}
 
     def loss(self, model, mesh=None, rules=sharding.DEFAULT_RULES):
         return dpo_loss(model, self.cfg.dpo, mesh, rules)

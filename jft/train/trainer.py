@@ -219,7 +219,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
                     stop_reason = f"early stop: no improvement in {cfg.train.patience} evaluations"
                     save(state)
                     break
-            if checkpoint_now:
+            if checkpoint_now or preempted:  # a SIGTERM that came after checkpoint_now was decided too
                 save(state)
                 last_saved = step
             if preempted:
@@ -268,22 +268,31 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
 
 
 def evaluate(
-    config: ConfigDict, model_path: str | os.PathLike, out: str | os.PathLike, adapter: str | None = None
+    config: ConfigDict,
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    adapter: str | None = None,
+    reference: str | os.PathLike | None = None,
 ) -> dict:
     """Score a Hugging Face model folder (with a PEFT ``adapter`` folder on top, if given) on
     ``config``'s validation data; write a JSON report.
 
     The validation records are ``data.validation``, or the same held-out share of
-    ``data.train`` that training used. Reports loss, perplexity and generation metrics.
+    ``data.train`` that training used. Reports the objective's validation metrics (SFT: loss,
+    perplexity and generation metrics; DPO: trl's ``rewards/*`` and ``logps/*``). ``reference``:
+    a model folder the objective compares against (DPO's reference policy; with an ``adapter``
+    and no reference, the base without the adapter is the reference).
     """
     check(config)
     cfg = config
     objective = _objective(cfg)
-    model, params = load_hf(
-        model_path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg), **objective.model_overrides
+    load = lambda path: load_hf(  # noqa: E731
+        path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg), **objective.model_overrides
     )
+    model, params = load(model_path)
     if adapter:
         model, params = peft.load_adapter(model, params, adapter)
+    params = objective.add_reference(model, params, load(reference)[1] if reference else None)
     tokenizer = load_tokenizer(model_path)
     if tokenizer is None:
         raise ConfigError(f"{model_path} has no tokenizer; save one beside the model (save_hf(..., tokenizer=))")
@@ -292,9 +301,8 @@ def evaluate(
     eval_step = jax.jit(make_eval_step(objective.loss(model)))
     report = objective.summarize(eval_sums(eval_step, params, data["validation"], cfg.train.batch_size))
     report.update(objective.extra_eval(model, params, tokenizer, pairs))
-    report.update(
-        model=str(model_path), data=data["validation_stats"], **({"adapter": str(adapter)} if adapter else {})
-    )
+    given = {"adapter": adapter, "reference": reference}
+    report.update(model=str(model_path), data=data["validation_stats"], **{k: str(v) for k, v in given.items() if v})
     jeval.write_report(Path(out), report)
     return report
 
@@ -344,6 +352,7 @@ def _model(cfg, tokenizer, mesh, rules, objective_overrides):
         loss_chunk=cfg.model.loss_chunk,
         attention=cfg.model.attention,
         attention_chunk=cfg.model.attention_chunk,
+        mlp_chunk=cfg.model.mlp_chunk,
     )
     if cfg.model.path:
         return load_hf(
