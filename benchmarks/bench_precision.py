@@ -24,7 +24,7 @@ import jft
 from jft import partition
 from jft.config import load_config
 from jft.objectives import token_loss
-from jft.train import TrainState, make_optimizer, make_train_step
+from jft.train import TrainState, make_train_step, optimizer_from_config
 
 FSDP = Path(__file__).resolve().parent.parent / "configs" / "full_fsdp_llama.py"
 # name: (param dtype, compute dtype, mu dtype, nu dtype, bf16_update); None = the param dtype
@@ -54,21 +54,7 @@ def run(setting, steps: int, batch: dict):
     init = jft.LlamaForCausalLM(dataclasses.replace(config, param_dtype="float32")).init_params(jax.random.key(0))
     params = jax.tree.map(lambda x: x.astype(param_dtype), init)
     labels = partition.labels(params, partition.FULL, config.num_hidden_layers)
-    tx, schedule = make_optimizer(
-        name=o.name,
-        learning_rate=o.learning_rate,
-        total_steps=steps,
-        warmup_fraction=o.warmup_fraction,
-        schedule=o.schedule,
-        weight_decay=o.weight_decay,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        clip_norm=o.clip_norm or None,
-        mu_dtype=mu,
-        nu_dtype=nu,
-        bf16_update=update,
-    )
+    tx, schedule = optimizer_from_config(o, steps, mu_dtype=mu, nu_dtype=nu, bf16_update=update)
     step = jax.jit(make_train_step(token_loss(model), tx, schedule), donate_argnums=0)
     start = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
     state = TrainState.create(params, labels, tx, jax.random.key(1))

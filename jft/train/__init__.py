@@ -1,6 +1,6 @@
 """Training: optimizer, train state, the pure train / eval steps around an objective's loss, and the loop."""
 
-from jft.train.optim import make_optimizer, make_schedule
+from jft.train.optim import make_optimizer, make_schedule, optimizer_from_config
 from jft.train.state import TrainState
 from jft.train.step import make_eval_step, make_train_step
 from jft.train.trainer import TrainingError, evaluate, fit
@@ -14,4 +14,5 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "optimizer_from_config",
 ]

@@ -113,6 +113,32 @@ def make_optimizer(
     return optax.chain(*chain), schedule_fn
 
 
+def optimizer_from_config(optim: Any, total_steps: int, masks: Any = None, seed: int = 0, **overrides):
+    """:func:`make_optimizer` from a config's ``optim`` section (:func:`jft.config.default_config`):
+    every field in, ``clip_norm`` 0 and empty dtypes meaning off / the parameters' dtype;
+    ``overrides`` replace single arguments."""
+    kw = dict(
+        name=optim.name,
+        learning_rate=optim.learning_rate,
+        total_steps=total_steps,
+        warmup_fraction=optim.warmup_fraction,
+        schedule=optim.schedule,
+        weight_decay=optim.weight_decay,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        momentum=optim.momentum,
+        clip_norm=optim.clip_norm or None,
+        min_lr_ratio=optim.min_lr_ratio,
+        masks=masks,
+        mu_dtype=optim.mu_dtype or None,
+        nu_dtype=optim.nu_dtype or None,
+        bf16_update=optim.bf16_update,
+        seed=seed,
+    )
+    return make_optimizer(**{**kw, **overrides})
+
+
 def make_schedule(
     learning_rate: float,
     total_steps: int,

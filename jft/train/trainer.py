@@ -34,7 +34,7 @@ from jft.models import attention as attention_lib
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.objectives import TASKS, Objective, eval_sums
 from jft.train.checkpoint import Checkpoints
-from jft.train.optim import make_optimizer
+from jft.train.optim import optimizer_from_config
 from jft.train.state import TrainState
 from jft.train.step import make_eval_step, make_train_step
 
@@ -125,26 +125,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     _log(main, f"attention: {attention_lib.describe(cfg.model.attention, cfg.model.attention_chunk)}")
     params, labels = objective.add_frozen(model, params, labels)  # e.g. a reference policy's copy
     masks = partition.layer_masks(partition.split(params, labels)[0], labels)  # partly frozen layer stacks
-    o = cfg.optim
-    tx, schedule = make_optimizer(
-        name=o.name,
-        learning_rate=o.learning_rate,
-        total_steps=total_steps,
-        warmup_fraction=o.warmup_fraction,
-        schedule=o.schedule,
-        weight_decay=o.weight_decay,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        momentum=o.momentum,
-        clip_norm=o.clip_norm or None,
-        min_lr_ratio=o.min_lr_ratio,
-        masks=masks,
-        mu_dtype=o.mu_dtype or None,
-        nu_dtype=o.nu_dtype or None,
-        bf16_update=o.bf16_update,
-        seed=cfg.train.seed,
-    )
+    tx, schedule = optimizer_from_config(cfg.optim, total_steps, masks, seed=cfg.train.seed)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     eval_sharding = sharding.batch_sharding(mesh, rules, accum=False)
     state = sharding.on_mesh(TrainState.create(params, labels, tx, jax.random.key(cfg.train.seed)), mesh)
