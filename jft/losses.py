@@ -44,9 +44,16 @@ def loss_chunk_size(batch: int, length: int, vocab: int, chunk_size: int = 0) ->
 
 
 def token_log_probs(
-    hidden: Array, head: Callable, targets: Array, chunk_size: int = 0, rng: Array | None = None
-) -> Array:
-    """``log softmax(head(hidden))[targets]`` as ``[b, t]`` float32, a chunk of positions at a time.
+    hidden: Array,
+    head: Callable,
+    targets: Array,
+    chunk_size: int = 0,
+    rng: Array | None = None,
+    with_entropy: bool = False,
+) -> Array | tuple[Array, Array]:
+    """``log softmax(head(hidden))[targets]`` as ``[b, t]`` float32, a chunk of positions at a time;
+    with ``with_entropy`` also the entropy of each position's distribution ``[b, t]`` (a metric:
+    no gradient flows through it).
 
     Args:
       hidden: ``[b, t, embed]`` final hidden states (``model.apply(..., hidden_only=True)``).
@@ -71,7 +78,12 @@ def token_log_probs(
     def chunk_log_probs(h, y, key):
         logits = (head(h) if key is None else head(h, key)).astype(jnp.float32)
         y = jnp.clip(y, 0, vocab - 1)
-        return jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - lse
+        if not with_entropy:
+            return logp
+        probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+        return logp, jax.lax.stop_gradient(lse) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
 
     def body(carry, xs):
         return carry, chunk_log_probs(*xs)
@@ -79,11 +91,11 @@ def token_log_probs(
     parts = []
     if n:
         split = lambda a: jnp.moveaxis(a[:, : n * size].reshape(b, n, size, *a.shape[2:]), 1, 0)  # noqa: E731
-        _, logp_nbc = jax.lax.scan(body, None, (split(hidden), split(targets), None if keys is None else keys[:n]))
-        parts.append(jnp.moveaxis(logp_nbc, 0, 1).reshape(b, n * size))
+        _, out_nbc = jax.lax.scan(body, None, (split(hidden), split(targets), None if keys is None else keys[:n]))
+        parts.append(jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * size), out_nbc))
     if rest:  # the remainder as one smaller chunk, not padded to a full one
         parts.append(chunk_log_probs(hidden[:, n * size :], targets[:, n * size :], None if keys is None else keys[n]))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
 
 
 def chunked_cross_entropy(

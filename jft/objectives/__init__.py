@@ -10,13 +10,15 @@ training-only terms), so the same function scores validation data
 
 from jft.objectives.base import Objective, eval_sums
 from jft.objectives.dpo import DPO, dpo_loss, response_log_probs
+from jft.objectives.grpo import GRPO, grpo_loss
 from jft.objectives.reward import Reward, bradley_terry_loss, pair_scores
 from jft.objectives.sft import SFT, token_loss
 
-TASKS: dict[str, type[Objective]] = {"sft": SFT, "reward": Reward, "dpo": DPO}  # config.task -> objective
+TASKS: dict[str, type[Objective]] = {"sft": SFT, "reward": Reward, "dpo": DPO, "grpo": GRPO}  # config.task -> objective
 
 __all__ = [
     "DPO",
+    "GRPO",
     "SFT",
     "TASKS",
     "Objective",
@@ -24,6 +26,7 @@ __all__ = [
     "bradley_terry_loss",
     "dpo_loss",
     "eval_sums",
+    "grpo_loss",
     "pair_scores",
     "response_log_probs",
     "token_loss",

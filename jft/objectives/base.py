@@ -27,14 +27,19 @@ class Objective:
       (:class:`jft.data.Batches` batches them);
     - :meth:`loss`: ``loss_fn(trainable, frozen, batch, rng) -> (loss_sum, weight_sum, metrics)``,
       metrics as sums and always with ``tokens``, the count of tokens trained on;
-    - :meth:`summarize`: the validation report (with ``loss``, for early stopping) from the eval
-      step's sums over the validation rows; :meth:`extra_eval`: anything else it reports there;
+    - :meth:`make_step`: the loop's step from the jitted train step (default: the train step on
+      the batch; RL objectives sample and score completions first), and ``updates_per_step``,
+      the optimizer updates one loop step makes (the schedule's length is ``max_steps`` times it);
+    - :meth:`validate`: the validation report (with ``loss``, for early stopping), by default
+      :meth:`summarize` of the eval step's sums over the validation rows; :meth:`extra_eval`:
+      anything else it reports there;
     - :meth:`export`: what the run leaves (default: adapter + merged Hugging Face folder).
     """
 
     name = ""
     model_overrides: dict = {}
     train_rules: tuple = ()
+    updates_per_step = 1
 
     def __init__(self, cfg):
         self.cfg = cfg  # the run's config (its section for this objective holds its settings)
@@ -63,6 +68,16 @@ class Objective:
 
     def loss(self, model, mesh=None, rules=sharding.DEFAULT_RULES):
         raise NotImplementedError
+
+    def make_step(self, model, train_step, put, tokenizer):
+        """``step(state, rows, step) -> (state, metrics)``: one step of the loop on a batch of host
+        rows (``put`` shapes them for gradient accumulation and places them on the mesh); ``step``
+        is the loop's step number (0 first), e.g. to derive a sampling key that a resume repeats."""
+        return lambda state, rows, step: train_step(state, put(rows))
+
+    def validate(self, model, params, eval_step, rows: list[dict], batch_sharding: Any = None) -> dict:
+        """The validation report of ``params`` on ``rows``: :meth:`summarize` of the eval step's sums."""
+        return self.summarize(eval_sums(eval_step, params, rows, self.cfg.train.batch_size, batch_sharding))
 
     def summarize(self, sums: dict) -> dict:
         raise NotImplementedError

@@ -54,6 +54,20 @@ def reference_of(model: Any) -> tuple[Any, Callable[[Mapping], dict]]:
     return base, params_of
 
 
+def add_reference_copy(model: Any, params: Mapping, labels: Mapping) -> tuple[dict, dict]:
+    """``(params, labels)`` with a reference policy: nothing added under PEFT when no base weight
+    trains (the frozen base leaves are the reference, :func:`reference_of`), else a frozen copy of
+    the starting base weights under ``params["reference"]`` (no gradients, no optimizer state, not
+    checkpointed)."""
+    base_trains = model.peft.methods and any(
+        bool(jnp.any(tree.get_path(labels, p))) for p, _ in tree.walk(reference_of(model)[1](params))
+    )
+    if model.peft.methods and not base_trains:
+        return params, labels
+    ref = jax.tree.map(jnp.copy, reference_of(model)[1](params))
+    return {**params, REFERENCE: ref}, {**labels, REFERENCE: jax.tree.map(lambda _: False, ref)}
+
+
 def dpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.DEFAULT_RULES) -> Callable:
     """``loss_fn(trainable, frozen, batch, rng)`` for ``settings.loss`` (a kind of
     :func:`jft.objectives.preference_losses.preference_loss`) with its ``beta``,
@@ -160,13 +174,7 @@ class DPO(Objective):
     def add_frozen(self, model, params, labels):
         if self.cfg.dpo.loss in REFERENCE_FREE or self.cfg.dpo.precompute_reference:
             return params, labels
-        base_trains = model.peft.methods and any(
-            bool(jax.numpy.any(tree.get_path(labels, p))) for p, _ in tree.walk(reference_of(model)[1](params))
-        )
-        if model.peft.methods and not base_trains:
-            return params, labels  # the base leaves, frozen, are the reference
-        ref = jax.tree.map(jnp.copy, reference_of(model)[1](params))
-        return {**params, REFERENCE: ref}, {**labels, REFERENCE: jax.tree.map(lambda _: False, ref)}
+        return add_reference_copy(model, params, labels)
 
     def add_reference(self, model, params, reference):
         """``reference``: the params of the folder the policy started from (checked against the

@@ -32,7 +32,7 @@ from jft.config import ConfigDict, ConfigError, check, default_config, resolve_c
 from jft.hf import load_hf, load_tokenizer
 from jft.models import attention as attention_lib
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
-from jft.objectives import TASKS, Objective, eval_sums
+from jft.objectives import TASKS, Objective
 from jft.train.checkpoint import Checkpoints
 from jft.train.optim import optimizer_from_config
 from jft.train.state import TrainState
@@ -99,6 +99,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     train_stats, val_stats = data["train_stats"], data["validation_stats"]
     batches = jdata.Batches(train_rows, cfg.train.batch_size, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
+    updates = objective.updates_per_step  # optimizer updates per step of the loop (the schedule counts them)
     _log(main, f"{objective.name} data: {train_stats} -> {len(train_rows)} rows; validation: {val_stats}")
     # Only now, with config, data, tokenizer and model checked, does the run write anything.
     ckpts = Checkpoints(cfg.train.checkpoint_dir or workdir, cfg.train.keep_checkpoints)
@@ -125,7 +126,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     _log(main, f"attention: {attention_lib.describe(cfg.model.attention, cfg.model.attention_chunk)}")
     params, labels = objective.add_frozen(model, params, labels)  # e.g. a reference policy's copy
     masks = partition.layer_masks(partition.split(params, labels)[0], labels)  # partly frozen layer stacks
-    tx, schedule = optimizer_from_config(cfg.optim, total_steps, masks, seed=cfg.train.seed)
+    tx, schedule = optimizer_from_config(cfg.optim, total_steps * updates, masks, seed=cfg.train.seed)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     eval_sharding = sharding.batch_sharding(mesh, rules, accum=False)
     state = sharding.on_mesh(TrainState.create(params, labels, tx, jax.random.key(cfg.train.seed)), mesh)
@@ -137,9 +138,14 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     eval_step = jax.jit(make_eval_step(loss_fn))
     accum = cfg.train.grad_accum
 
+    def put(batch: dict) -> dict:  # host rows [batch, ...] -> [grad_accum, micro-batch, ...] on the mesh
+        return sharding.put_batch({k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}, batch_sharding)
+
+    step_fn = objective.make_step(model, train_step, put, tokenizer)
+
     def validate(state) -> dict:
         params = partition.merge(state.trainable, state.frozen)
-        return objective.summarize(eval_sums(eval_step, params, val_rows, cfg.train.batch_size, eval_sharding))
+        return objective.validate(model, params, eval_step, val_rows, eval_sharding)
 
     def generation_metrics(state) -> dict:
         params = partition.merge(state.trainable, state.frozen)
@@ -151,16 +157,16 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     if ckpts.latest_step is not None:
         state, meta = ckpts.restore(state)  # frozen params come from the model source, not the checkpoint
         batches.restore(meta["data"])
-        resumed_from = int(state.step)
+        resumed_from = ckpts.latest_step
         _log(main, f"resumed from step {resumed_from} ({ckpts.directory})")
     else:
         before = validate(state)
         meta["before"] = {**before, **generation_metrics(state)}
         _log(main, f"before fine-tuning: {_fmt(meta['before'])}")
 
-    def save(state, best=False):
+    def save(step, state, best=False):  # checkpoints are numbered by the loop's steps
         meta.update(data=batches.state())
-        ckpts.save(int(state.step), state, meta, best=best)
+        ckpts.save(step, state, meta, best=best)
 
     # ------------------------------------------------------------------ Loop
     writer = _Writer(workdir, main)
@@ -173,9 +179,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     stop_reason = "done"
     try:
         while step < total_steps:
-            batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in next(batches).items()}
-            batch = sharding.put_batch(batch, batch_sharding)
-            state, metrics = train_step(state, batch)
+            state, metrics = step_fn(state, next(batches), step)
             steps_run += 1
             step += 1
             pending.append((step, metrics))
@@ -195,13 +199,13 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
                 meta["bad_evals"] = 0 if improved else meta["bad_evals"] + 1
                 if improved:
                     meta["best_loss"] = val["loss"]
-                    save(state, best=True)
+                    save(step, state, best=True)
                 if cfg.train.patience and meta["bad_evals"] >= cfg.train.patience:
                     stop_reason = f"early stop: no improvement in {cfg.train.patience} evaluations"
-                    save(state)
+                    save(step, state)
                     break
             if checkpoint_now or preempted:  # a SIGTERM that came after checkpoint_now was decided too
-                save(state)
+                save(step, state)
                 last_saved = step
             if preempted:
                 stop_reason = "preempted (SIGTERM): checkpoint saved"
@@ -216,13 +220,13 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         writer.close()
         _log(main, f"{stop_reason} at step {step}; run the same command to resume")
         return {"status": "preempted", "step": step, **ran}
-    save(state)
+    save(step, state)
 
     # ------------------------------------------------------------------ Final evaluation + export
     val = validate(state)
     if meta["best_loss"] is None or val["loss"] < meta["best_loss"] - cfg.train.min_delta:
         meta["best_loss"] = val["loss"]
-        save(state, best=True)
+        save(step, state, best=True)
     writer.scalars(step, {f"val_{k}": v for k, v in val.items()})
     after = {**val, **generation_metrics(state)}
     ckpts.close()
@@ -280,7 +284,7 @@ def evaluate(
     pairs = _records(cfg)[1]
     data = objective.rows(([], pairs), tokenizer, model.config.vocab_size)
     eval_step = jax.jit(make_eval_step(objective.loss(model)))
-    report = objective.summarize(eval_sums(eval_step, params, data["validation"], cfg.train.batch_size))
+    report = objective.validate(model, params, eval_step, data["validation"])
     report.update(objective.extra_eval(model, params, tokenizer, pairs))
     given = {"adapter": adapter, "reference": reference}
     report.update(model=str(model_path), data=data["validation_stats"], **{k: str(v) for k, v in given.items() if v})
