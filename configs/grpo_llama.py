@@ -11,13 +11,16 @@ each completion against the record's "output" (a verifiable reward for translati
 reward model folder can join or replace it (grpo.reward_model). Each step samples
 grpo.num_generations completions for each of train.batch_size prompts.
 
-Offline demo on the quickstart model (after `jft train --config configs/quickstart.py
---workdir runs/quickstart`): chrF of sampled translations rises.
+Offline demo (about 3 minutes on 2 CPU cores): a partly trained quickstart model leaves room to
+improve, and the chrF of its sampled translations rises (held-out 0.21 -> 0.23 in 80 steps, KL to
+the reference 0.3):
 
+    jft train --config configs/quickstart.py --workdir runs/qs8 --config.train.epochs=8
     jft train --config configs/grpo_llama.py --workdir runs/grpo \
-        --config.model.path=runs/quickstart/hf --config.data.train=jft/assets/en_fr.jsonl \
+        --config.model.path=runs/qs8/hf --config.data.train=jft/assets/en_fr.jsonl \
         --config.data.template=compact --config.data.seq_len=32 --config.grpo.max_completion_length=24 \
-        --config.train.max_steps=40 --config.optim.learning_rate=1e-3 --config.peft.lora.r=8
+        --config.grpo.temperature=0.7 --config.grpo.beta=0.04 --config.train.max_steps=80 \
+        --config.optim.learning_rate=1e-3
 """
 
 from jft.config import default_config

@@ -40,3 +40,12 @@ def exact_match(prompts, completions, output=None, answer=None, **_) -> list[flo
     refs = _references(len(completions), output, answer)
     same = lambda a, b: " ".join(a.split()) == " ".join(b.split())  # noqa: E731
     return [float(same(_text(c), r)) for c, r in zip(completions, refs, strict=True)]
+
+
+def lowercase(prompts, completions, **_) -> list[float]:
+    """A format rule: the share of a completion's letters that are lower case (1.0 with no letters)."""
+    out = []
+    for c in completions:
+        letters = [ch for ch in _text(c) if ch.isalpha()]
+        out.append(sum(ch.islower() for ch in letters) / len(letters) if letters else 1.0)
+    return out

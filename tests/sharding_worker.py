@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 COMMAND = sys.argv[1]
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if COMMAND == 'multihost' else 8}"
@@ -293,10 +294,17 @@ def dpo() -> dict:
     return {"one": out[0], "mesh": out[1]}
 
 
+def grpo(workdir: str) -> dict:
+    """Three GRPO steps of jft train on a 2x2x2 mesh (tests/test_grpo.py runs them on one device)."""
+    from test_grpo import grpo_steps
+
+    return {"mesh": grpo_steps(Path(workdir), (2, 2, 2))}
+
+
 if __name__ == "__main__":
     commands = {"full": run, "lora": run, "qlora": run, "errors": errors, "checkpoint": checkpoint}
     commands.update(fit=fit, multihost=multihost)
     commands.update(step_memory=step_memory)
-    commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh, dpo=dpo)
+    commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh, dpo=dpo, grpo=grpo)
     args = sys.argv[2:] if COMMAND not in ("full", "lora", "qlora") else [COMMAND]
     print(json.dumps(commands[COMMAND](*args)))

@@ -139,6 +139,17 @@ OVERRIDES = [
 ]  # fmt: skip
 
 
+def grpo_steps(workdir: Path, mesh=(1, 1, 1)) -> list:
+    """Per-step (loss, mean reward, KL) of three GRPO steps (LoRA, beta > 0) on a data x fsdp x tensor mesh."""
+    from jft.train import fit
+
+    over = [*OVERRIDES, "train.max_steps=3", "peft.methods=('lora',)", "grpo.beta=0.04"]
+    over += [f"mesh.{axis}={n}" for axis, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)]
+    fit(load_config(Path(__file__).parent.parent / "configs" / "grpo_llama.py", over), workdir)
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["reward_mean"], r["kl"]) for r in rows if "reward_mean" in r]
+
+
 def test_grpo_raises_the_mean_reward_and_a_preempted_run_resumes_exactly(tmp_path, monkeypatch):
     """A tiny new model, full fine-tuning, the toy reward: measured 0.31 -> 0.52 mean held-out reward
     in 10 steps. A SIGTERM during step 6 checkpoints and stops; the same command resumes (the
@@ -151,7 +162,7 @@ def test_grpo_raises_the_mean_reward_and_a_preempted_run_resumes_exactly(tmp_pat
     assert after["reward_mean"] > before["reward_mean"] + 0.1, (before, after)
     logged = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in logged if "reward_mean" in r]
-    assert {"kl", "entropy", "clipfrac", "completion_length", "frac_reward_zero_std", "rollout_s", "update_s"} <= set(
+    assert {"entropy", "clipfrac", "completion_length", "frac_reward_zero_std", "rollout_s", "update_s"} <= set(
         train_rows[0]
     )
     flush = trainer._flush
@@ -183,3 +194,25 @@ def test_grpo_config_errors():
         GRPO(load_config("configs/grpo_llama.py", ["grpo.reward_weights=(1.0, 2.0)"]))
     with pytest.raises(ConfigError, match=r"grpo.loss_type='mean' is not one of"):
         GRPO(load_config("configs/grpo_llama.py", ["grpo.loss_type=mean"]))
+
+
+def test_a_reward_model_folder_scores_prompt_and_completion_as_preference_rows_hold_them(tmp_path, hf_base):
+    """BOS + prompt, then the completion + EOS, scored at the last token; a causal LM is refused."""
+    from test_hf import tiny_tokenizer
+
+    from jft.data.prompts import Prompt
+    from jft.models.llama import last_token_scores
+    from jft.objectives.grpo import RewardModel
+
+    model = jft.LlamaForCausalLM(jft.LlamaConfig.tiny(num_labels=1))
+    params = model.init_params(jax.random.key(0))
+    jft.save_hf(model, params, tmp_path / "rm", tokenizer=tiny_tokenizer())
+    rm = RewardModel.load(str(tmp_path / "rm"), "float32", None)
+    got = rm([Prompt("hello", {}, False), Prompt("hello hello", {}, False)], ["world", "world world"])
+    for i, ids in enumerate(([1, 3, 4, 2], [1, 3, 3, 4, 4, 2])):
+        x = jnp.asarray([ids])
+        hidden = model.apply({"params": params}, x, hidden_only=True)
+        want = last_token_scores(model, params, hidden, jnp.ones_like(x))[0, 0]
+        np.testing.assert_allclose(got[i], want, rtol=1e-5)
+    with pytest.raises(ConfigError, match="has no score labels"):
+        RewardModel.load(str(hf_base[0]), "float32", None)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
@@ -218,3 +219,13 @@ def test_dpo_on_a_2x2x2_mesh_trains_like_one_device():
         assert abs(l1 - l8) < 1e-5 and abs(m1 - m8) < 1e-5
     assert abs(result["one"][0][0] - 0.6931472) < 1e-5  # policy == reference at the start: log 2
     assert result["one"][1][1] > 0.05  # the first update opens a margin
+
+
+def test_grpo_on_a_2x2x2_mesh_trains_like_one_device(tmp_path):
+    """jft train with task=grpo: the rollout samples with sharded params, the update runs on the mesh."""
+    from test_grpo import grpo_steps
+
+    one = grpo_steps(tmp_path / "one")
+    mesh = worker("grpo", str(tmp_path / "mesh"))["mesh"]
+    assert len(one) == 3
+    np.testing.assert_allclose(mesh, one, rtol=1e-4, atol=1e-6)

@@ -100,8 +100,8 @@ def grpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding
     Per token: the clipped surrogate (:func:`~jft.objectives.policy_gradient.clipped_policy_loss`,
     ``epsilon`` / ``epsilon_high``, token or sequence importance) plus ``beta`` x the k3 KL to the
     reference, aggregated by ``loss_type`` (:func:`~jft.objectives.policy_gradient.aggregate`) in
-    sums, so gradient accumulation is exact. Metrics, aggregated the same way: ``kl``, ``entropy``,
-    ``clipfrac``; ``tokens`` counts completion tokens."""
+    sums, so gradient accumulation is exact. Metrics, aggregated the same way: ``kl`` (with
+    ``beta > 0``), ``entropy``, ``clipfrac``; ``tokens`` counts completion tokens."""
     eps_high = settings.epsilon_high or settings.epsilon
 
     def loss_fn(trainable, frozen, batch, rng):
@@ -132,7 +132,7 @@ def grpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding
         if rng is not None:
             loss_sum = loss_sum + model.training_loss(collections) * weight_sum
         metrics = {
-            "kl": agg(kl)[0],
+            **({"kl": agg(kl)[0]} if settings.beta else {}),  # no reference, no KL (as trl)
             "entropy": agg(entropy)[0],
             "clipfrac": agg(clipped.astype(jnp.float32))[0],
             "tokens": jnp.sum(mask, dtype=jnp.int32),
