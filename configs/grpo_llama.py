@@ -2,13 +2,13 @@
 
     jft train --config configs/grpo_llama.py --workdir runs/grpo \
         --config.model.path=/path/to/sft-model --config.data.train=/path/to/prompts.jsonl \
-        --config.grpo.reward_funcs='("my_rewards:correct",)'
+        --config.rl.reward_funcs='("my_rewards:correct",)'
 
 Prompt records: {"prompt": str}, {"prompt": [messages]} or instruction records; their other
 fields reach the reward functions as keyword columns (trl's convention,
 fn(prompts, completions, **columns) -> list[float]). The default reward, jft.rewards:chrf, scores
 each completion against the record's "output" (a verifiable reward for translation-like data); a
-reward model folder can join or replace it (grpo.reward_model). Each step samples
+reward model folder can join or replace it (rl.reward_model). Each step samples
 grpo.num_generations completions for each of train.batch_size prompts.
 
 Offline demo (about 3 minutes on 2 CPU cores): a partly trained quickstart model leaves room to
@@ -18,8 +18,8 @@ the reference 0.3):
     jft train --config configs/quickstart.py --workdir runs/qs8 --config.train.epochs=8
     jft train --config configs/grpo_llama.py --workdir runs/grpo \
         --config.model.path=runs/qs8/hf --config.data.train=jft/assets/en_fr.jsonl \
-        --config.data.template=compact --config.data.seq_len=32 --config.grpo.max_completion_length=24 \
-        --config.grpo.temperature=0.7 --config.grpo.beta=0.04 --config.train.max_steps=80 \
+        --config.data.template=compact --config.data.seq_len=32 --config.rl.max_completion_length=24 \
+        --config.rl.temperature=0.7 --config.grpo.beta=0.04 --config.train.max_steps=80 \
         --config.optim.learning_rate=1e-3
 """
 
@@ -42,7 +42,7 @@ def get_config():
     c.peft.lora.alpha = 32.0  # scale alpha / r = 2
     c.optim.learning_rate = 1e-5
     c.grpo.num_generations = 8
-    c.grpo.max_completion_length = 128
-    c.grpo.reward_funcs = ("jft.rewards:chrf",)
+    c.rl.max_completion_length = 128
+    c.rl.reward_funcs = ("jft.rewards:chrf",)
     c.eval.num_examples = 0  # SFT's generation metrics off: validation reports the rewards
     return c

@@ -179,12 +179,20 @@ def default_config() -> ConfigDict:
     # compute the reference's log-probs once before training (workdir/reference_logps.npz) and keep no reference
     c.dpo.precompute_reference = False
 
+    c.rl = ConfigDict()  # sampling and rewards of the RL objectives (task = "grpo"); names as trl's
+    c.rl.max_completion_length = 64  # new tokens per completion (data.seq_len bounds the prompt)
+    c.rl.temperature = 1.0  # sampling temperature, also applied to the log-probs the loss reads
+    c.rl.top_k = 0  # sample from the k most likely tokens (0 = all)
+    c.rl.top_p = 1.0  # nucleus sampling mass (1 = all)
+    c.rl.reward_funcs = ()  # "module:function" names, fn(prompts, completions, **columns) -> list[float]
+    c.rl.reward_weights = ()  # one weight per reward (functions, then the model); () = all 1
+    c.rl.reward_model = ""  # a sequence-classification model folder whose score is a reward ("" = none)
+    c.rl.missing_eos_penalty = 0.0  # subtracted from the reward of a completion that never ends
+    c.rl.mask_truncated_completions = False  # completions that never end do not train
+    c.rl.log_completions = 2  # sampled completions printed with their rewards at each validation
+
     c.grpo = ConfigDict()  # task = "grpo" (jft.objectives.grpo); names as trl's GRPOConfig
     c.grpo.num_generations = 4  # completions sampled per prompt (a group); train.batch_size counts prompts
-    c.grpo.max_completion_length = 64  # new tokens per completion (data.seq_len bounds the prompt)
-    c.grpo.temperature = 1.0  # sampling temperature, also applied to the log-probs the loss reads
-    c.grpo.top_k = 0  # sample from the k most likely tokens (0 = all)
-    c.grpo.top_p = 1.0  # nucleus sampling mass (1 = all)
     c.grpo.beta = 0.0  # weight of the k3 KL to the reference in the loss; 0 = no reference at all
     c.grpo.epsilon = 0.2  # clip range below 1 of the importance ratio
     c.grpo.epsilon_high = 0.0  # clip range above 1 (DAPO's clip-higher); 0 = epsilon
@@ -193,12 +201,6 @@ def default_config() -> ConfigDict:
     c.grpo.scale_rewards = "group"  # advantages divided by the std of: group | batch | none (Dr. GRPO)
     c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
     c.grpo.num_iterations = 1  # updates per batch of completions (trl's mu); > 1 reuses them off-policy
-    c.grpo.reward_funcs = ()  # "module:function" names, fn(prompts, completions, **columns) -> list[float]
-    c.grpo.reward_weights = ()  # one weight per reward (functions, then the model); () = all 1
-    c.grpo.reward_model = ""  # a sequence-classification model folder whose score is a reward ("" = none)
-    c.grpo.missing_eos_penalty = 0.0  # subtracted from the reward of a completion that never ends
-    c.grpo.mask_truncated_completions = False  # completions that never end do not train
-    c.grpo.log_completions = 2  # sampled completions with their rewards printed at each eval_every step
 
     c.export = ConfigDict()
     c.export.hf = True  # write the fine-tuned model as a Hugging Face folder into workdir/hf

@@ -96,9 +96,7 @@ def test_rollout_log_probs_match_a_forward_and_an_on_policy_step_at_lr_0_changes
         base, base.init_params(jax.random.key(0)), peft.Peft(lora=peft.Lora(r=4)), jax.random.key(1)
     )
     labels = peft.labels(params, model.peft)
-    cfg = load_config(
-        "configs/grpo_llama.py", ["grpo.beta=0.04", "grpo.max_completion_length=6", "grpo.temperature=0.7"]
-    )
+    cfg = load_config("configs/grpo_llama.py", ["grpo.beta=0.04", "rl.max_completion_length=6", "rl.temperature=0.7"])
     with_ref, _ = GRPO(cfg).add_frozen(model, params, labels)
     assert REFERENCE not in with_ref  # the frozen base is the reference
     prompt_ids = jnp.asarray([[0, 0, 1, 7, 8], [1, 9, 10, 11, 12], [0, 0, 1, 7, 8], [1, 9, 10, 11, 12]])
@@ -120,22 +118,22 @@ def test_rollout_log_probs_match_a_forward_and_an_on_policy_step_at_lr_0_changes
     ref_model, ref_of = reference_of(model)
     batch["ref_logps"] = completion_log_probs(ref_model, ref_of(params), rows, temperature)[0]
     tx = optax.adam(0.0)
-    step = jax.jit(make_train_step(grpo_loss(model, cfg.grpo), tx, lambda _: 0.0))
+    step = jax.jit(make_train_step(grpo_loss(model, GRPO(cfg).settings), tx, lambda _: 0.0))
     state = TrainState.create(params, labels, tx, jax.random.key(2))
     new, metrics = step(state, jax.tree.map(lambda x: x[None], batch))
     assert float(metrics["clipfrac"]) == 0.0 and abs(float(metrics["kl"])) < 1e-7 and float(metrics["grad_norm"]) > 0
     for a, b in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable), strict=True):
         np.testing.assert_array_equal(a, b)
     trainable, frozen = partition.split(params, labels)
-    assert float(grpo_loss(model, cfg.grpo)(trainable, frozen, batch, None)[2]["clipfrac"]) == 0.0
+    assert float(grpo_loss(model, GRPO(cfg).settings)(trainable, frozen, batch, None)[2]["clipfrac"]) == 0.0
 
 
 OVERRIDES = [
     "model.path=", "tokenizer.train_on_data=True", f"data.train={EN_FR}", "data.template=compact",
-    "data.seq_len=32", "data.validation_fraction=0.05", "grpo.max_completion_length=8", "grpo.num_generations=4",
+    "data.seq_len=32", "data.validation_fraction=0.05", "rl.max_completion_length=8", "grpo.num_generations=4",
     "train.batch_size=4", "train.max_steps=10", "peft.methods=()", "model.new.hidden_size=64",
     "model.new.intermediate_size=128", "model.new.num_hidden_layers=2", "optim.learning_rate=3e-2",
-    "grpo.reward_funcs=('test_grpo:low_ids',)", "train.eval_every=0", "train.checkpoint_every=0",
+    "rl.reward_funcs=('test_grpo:low_ids',)", "train.eval_every=0", "train.checkpoint_every=0",
 ]  # fmt: skip
 
 
@@ -187,11 +185,11 @@ def test_grpo_raises_the_mean_reward_and_a_preempted_run_resumes_exactly(tmp_pat
 
 def test_grpo_config_errors():
     with pytest.raises(ConfigError, match="needs rewards"):
-        GRPO(load_config("configs/grpo_llama.py", ["grpo.reward_funcs=()"]))
+        GRPO(load_config("configs/grpo_llama.py", ["rl.reward_funcs=()"]))
     with pytest.raises(ConfigError, match="at least 2 completions"):
         GRPO(load_config("configs/grpo_llama.py", ["grpo.num_generations=1"]))
     with pytest.raises(ConfigError, match=r"reward_weights has 2 entries for 1 rewards"):
-        GRPO(load_config("configs/grpo_llama.py", ["grpo.reward_weights=(1.0, 2.0)"]))
+        GRPO(load_config("configs/grpo_llama.py", ["rl.reward_weights=(1.0, 2.0)"]))
     with pytest.raises(ConfigError, match=r"grpo.loss_type='mean' is not one of"):
         GRPO(load_config("configs/grpo_llama.py", ["grpo.loss_type=mean"]))
 

@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import math
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -198,7 +199,7 @@ class RewardModel:
         model, params = load_hf(folder, dtype=dtype)
         if model.config.num_labels != 1:
             raise ConfigError(
-                f"grpo.reward_model={folder} has {model.config.num_labels or 'no'} score labels; a reward model "
+                f"rl.reward_model={folder} has {model.config.num_labels or 'no'} score labels; a reward model "
                 "has one (train one with task='reward', or pass a *ForSequenceClassification folder with num_labels=1)"
             )
         from jft.models.llama import last_token_scores
@@ -249,7 +250,8 @@ class GRPO(Objective):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        g = cfg.grpo
+        # one namespace of the sampling / reward settings (rl.*) and GRPO's own (grpo.*)
+        self.settings = g = types.SimpleNamespace(**cfg.rl.to_dict(), **cfg.grpo.to_dict())
         if g.num_generations < 2:
             raise ConfigError(f"grpo.num_generations={g.num_generations}: a group needs at least 2 completions")
         for field, choices in (
@@ -261,13 +263,13 @@ class GRPO(Objective):
                 raise ConfigError(f"grpo.{field}={getattr(g, field)!r} is not one of {choices}")
         if not g.reward_funcs and not g.reward_model:
             raise ConfigError(
-                "task=grpo needs rewards: set grpo.reward_funcs ('module:function', ...) and/or grpo.reward_model"
+                "task=grpo needs rewards: set rl.reward_funcs ('module:function', ...) and/or rl.reward_model"
             )
         n_rewards = len(g.reward_funcs) + bool(g.reward_model)
         if g.reward_weights and len(g.reward_weights) != n_rewards:
             raise ConfigError(
-                f"grpo.reward_weights has {len(g.reward_weights)} entries for {n_rewards} rewards "
-                "(the functions of grpo.reward_funcs in order, then grpo.reward_model)"
+                f"rl.reward_weights has {len(g.reward_weights)} entries for {n_rewards} rewards "
+                "(the functions of rl.reward_funcs in order, then rl.reward_model)"
             )
         if g.num_iterations < 1:
             raise ConfigError(f"grpo.num_iterations={g.num_iterations} must be >= 1")
@@ -293,10 +295,10 @@ class GRPO(Objective):
         return out
 
     def add_frozen(self, model, params, labels):
-        return (params, labels) if not self.cfg.grpo.beta else add_reference_copy(model, params, labels)
+        return (params, labels) if not self.settings.beta else add_reference_copy(model, params, labels)
 
     def loss(self, model, mesh=None, rules=sharding.DEFAULT_RULES):
-        return grpo_loss(model, self.cfg.grpo, mesh, rules)
+        return grpo_loss(model, self.settings, mesh, rules)
 
     # -- rollout
 
@@ -304,7 +306,7 @@ class GRPO(Objective):
         """Reward functions, the reward model and the jitted scoring passes, built once."""
         if getattr(self, "_ready", None) is model:
             return
-        g, tokenizer = self.cfg.grpo, self.tokenizer
+        g, tokenizer = self.settings, self.tokenizer
         self.reward_funcs = [(name, load_reward_function(name)) for name in g.reward_funcs]
         self.reward_model = RewardModel.load(g.reward_model, "float32", tokenizer) if g.reward_model else None
         self.reward_names = [name.rpartition(":")[2] for name in g.reward_funcs] + (
@@ -363,7 +365,7 @@ class GRPO(Objective):
         samples being ``(prompt, completion, reward)`` triples for the log."""
         from jft.generate import generate
 
-        g = self.cfg.grpo
+        g = self.settings
         n_gen = g.num_generations
         prompt_ids = np.repeat(np.asarray(rows["prompt_ids"]), n_gen, axis=0)
         prompt_mask = np.repeat(np.asarray(rows["prompt_mask"]), n_gen, axis=0)
@@ -456,6 +458,6 @@ class GRPO(Objective):
             "completion_length": float(np.sum(lengths) / len(rewards)),
         }
         if jax.process_index() == 0:
-            for prompt, text, reward in samples[: self.cfg.grpo.log_completions]:
+            for prompt, text, reward in samples[: self.cfg.rl.log_completions]:
                 print(f"  sample (reward {reward:.3f}): {str(prompt)[-80:]!r} -> {text[:120]!r}")
         return report
