@@ -17,13 +17,12 @@ from jft.config import ConfigError, load_config
 from jft.data.formats import DataError
 from jft.data.prompts import tokenize_prompts
 from jft.objectives.dpo import REFERENCE
-from jft.objectives.grpo import (
-    GRPO,
+from jft.objectives.grpo import GRPO, grpo_loss
+from jft.objectives.rl import (
     call_reward_function,
     completion_log_probs,
     completion_mask,
     completion_rows,
-    grpo_loss,
     load_reward_function,
 )
 
@@ -200,7 +199,7 @@ def test_a_reward_model_folder_scores_prompt_and_completion_as_preference_rows_h
 
     from jft.data.prompts import Prompt
     from jft.models.llama import last_token_scores
-    from jft.objectives.grpo import RewardModel
+    from jft.objectives.rl import RewardModel
 
     model = jft.LlamaForCausalLM(jft.LlamaConfig.tiny(num_labels=1))
     params = model.init_params(jax.random.key(0))
