@@ -31,7 +31,8 @@ def default_config() -> ConfigDict:
     # raw-text records (continued pretraining included); reward = a Bradley-Terry reward model on
     # {"prompt", "chosen", "rejected"} pairs (data.seq_len bounds each side); dpo = direct
     # preference optimization (or a variant, dpo.loss) on the same pairs; grpo = group relative
-    # policy optimization on prompt records with reward functions and/or a reward model (grpo.*)
+    # policy optimization on prompt records with reward functions and/or a reward model (rl.*,
+    # grpo.*); ppo = proximal policy optimization with a value head on the same prompts (rl.*, ppo.*)
     c.task = "sft"
 
     c.model = ConfigDict()
@@ -179,7 +180,7 @@ def default_config() -> ConfigDict:
     # compute the reference's log-probs once before training (workdir/reference_logps.npz) and keep no reference
     c.dpo.precompute_reference = False
 
-    c.rl = ConfigDict()  # sampling and rewards of the RL objectives (task = "grpo"); names as trl's
+    c.rl = ConfigDict()  # sampling and rewards of the RL objectives (task = "grpo" | "ppo"); names as trl's
     c.rl.max_completion_length = 64  # new tokens per completion (data.seq_len bounds the prompt)
     c.rl.temperature = 1.0  # sampling temperature, also applied to the log-probs the loss reads
     c.rl.top_k = 0  # sample from the k most likely tokens (0 = all)
@@ -201,6 +202,19 @@ def default_config() -> ConfigDict:
     c.grpo.scale_rewards = "group"  # advantages divided by the std of: group | batch | none (Dr. GRPO)
     c.grpo.importance_sampling_level = "token"  # token | sequence (GSPO)
     c.grpo.num_iterations = 1  # updates per batch of completions (trl's mu); > 1 reuses them off-policy
+
+    c.ppo = ConfigDict()  # task = "ppo" (jft.objectives.ppo); names as trl's PPOConfig
+    c.ppo.num_ppo_epochs = 4  # passes over each rollout
+    c.ppo.num_mini_batches = 1  # minibatches per pass (each one optimizer update)
+    c.ppo.cliprange = 0.2  # clip range of the policy's importance ratio
+    c.ppo.cliprange_value = 0.2  # clip range of the value update around the rollout's values
+    c.ppo.dual_clip = 0.0  # > 1: dual-clip PPO's bound on the loss of negative advantages (0 = off)
+    c.ppo.vf_coef = 0.1  # weight of the value loss
+    c.ppo.gamma = 1.0  # discount of GAE
+    c.ppo.lam = 0.95  # lambda of GAE
+    c.ppo.kl_coef = 0.05  # weight of the per-token KL penalty in the reward; 0 = no reference
+    c.ppo.kl_estimator = "k1"  # k1 | k2 | k3 (jft.objectives.policy_gradient.kl_penalty)
+    c.ppo.whiten_rewards = False  # whiten the per-token rewards (scale only) before GAE
 
     c.export = ConfigDict()
     c.export.hf = True  # write the fine-tuned model as a Hugging Face folder into workdir/hf

@@ -128,7 +128,8 @@ def test_dpo_raises_the_held_out_margin_on_the_demo_pairs(tmp_path):
     before, after = report["before"], report["after"]
     assert abs(before["loss"] - np.log(2.0)) < 1e-5 and before["rewards/margins"] == 0.0
     assert after["rewards/margins"] > 0.05 and after["rewards/accuracies"] > 0.65, after
-    assert (tmp_path / "run" / "hf" / "config.json").is_file()
+    _, exported = jft.load_hf(tmp_path / "run" / "hf")  # the policy alone: no reference tensors
+    assert REFERENCE not in exported
 
 
 def test_dpo_steps_accumulate_exactly():

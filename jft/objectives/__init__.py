@@ -11,10 +11,17 @@ training-only terms), so the same function scores validation data
 from jft.objectives.base import Objective, eval_sums
 from jft.objectives.dpo import DPO, dpo_loss, response_log_probs
 from jft.objectives.grpo import GRPO, grpo_loss
+from jft.objectives.ppo import PPO, make_ppo_step, ppo_loss
 from jft.objectives.reward import Reward, bradley_terry_loss, pair_scores
 from jft.objectives.sft import SFT, token_loss
 
-TASKS: dict[str, type[Objective]] = {"sft": SFT, "reward": Reward, "dpo": DPO, "grpo": GRPO}  # config.task -> objective
+TASKS: dict[str, type[Objective]] = {
+    "sft": SFT,
+    "reward": Reward,
+    "dpo": DPO,
+    "grpo": GRPO,
+    "ppo": PPO,
+}  # config.task -> objective
 
 __all__ = [
     "DPO",
@@ -22,12 +29,15 @@ __all__ = [
     "SFT",
     "TASKS",
     "Objective",
+    "PPO",
     "Reward",
     "bradley_terry_loss",
     "dpo_loss",
     "eval_sums",
     "grpo_loss",
+    "make_ppo_step",
     "pair_scores",
+    "ppo_loss",
     "response_log_probs",
     "token_loss",
 ]

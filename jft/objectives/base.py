@@ -12,6 +12,15 @@ from jft import peft, sharding
 from jft.config import ConfigError
 from jft.hf import save_hf
 
+REFERENCE = "reference"  # a frozen reference policy's copy beside the model's params (DPO, GRPO, PPO)
+VALUE_HEAD = "value_head"  # PPO's value head on the policy trunk, beside the model's params
+
+
+def model_params(params: dict) -> dict:
+    """The model's own params, without what an objective keeps beside them (a reference copy, a
+    value head): what the policy runs with and what is exported."""
+    return {k: v for k, v in params.items() if k not in (REFERENCE, VALUE_HEAD)}
+
 
 class Objective:
     """A task of the loop. ``fit`` owns setup (mesh, tokenizer, model, PEFT, partition, optimizer,
@@ -86,8 +95,9 @@ class Objective:
         return {}
 
     def export(self, model, params, tokenizer, workdir: Path, report: dict) -> None:
-        """workdir/adapter (PEFT) and workdir/hf (the model, adapters merged)."""
-        cfg, export_model = self.cfg, model
+        """workdir/adapter (PEFT) and workdir/hf (the model, adapters merged); what the objective kept
+        beside the model (a reference copy, a value head) is not exported."""
+        cfg, export_model, params = self.cfg, model, model_params(params)
         if model.peft.methods:
             report["adapter"] = str(peft.save_adapter(model, params, workdir / "adapter"))
             export_model, params = peft.merge(model, params)

@@ -16,11 +16,9 @@ from jft import partition, sharding, tree
 from jft.config import ConfigError
 from jft.losses import sequence_log_probs
 from jft.models.peft_spec import Peft
-from jft.objectives.base import Objective, hidden_states, per_weight
+from jft.objectives.base import REFERENCE, Objective, hidden_states, model_params, per_weight
 from jft.objectives.preference_losses import REFERENCE_FREE, preference_loss
 from jft.objectives.sft import head
-
-REFERENCE = "reference"  # the frozen subtree that holds a reference copy (full fine-tuning)
 
 
 def response_log_probs(model: Any, params: Mapping, batch: Mapping, rng=None) -> tuple[jax.Array, ...]:
@@ -80,7 +78,7 @@ def dpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.
 
     def loss_fn(trainable, frozen, batch, rng):
         params = partition.merge(trainable, frozen)
-        policy = {k: v for k, v in params.items() if k != REFERENCE}
+        policy = model_params(params)
         with sharding.scope(mesh, rules):
             logp, count, collections = response_log_probs(model, policy, batch, rng)
             if free:

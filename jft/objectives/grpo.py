@@ -21,8 +21,9 @@ import numpy as np
 from jft import partition, sharding
 from jft.config import ConfigError
 from jft.objectives import policy_gradient as pg
+from jft.objectives.base import model_params
 from jft.objectives.dpo import add_reference_copy
-from jft.objectives.rl import RLObjective, completion_log_probs, policy_params
+from jft.objectives.rl import RLObjective, completion_log_probs
 
 
 def grpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.DEFAULT_RULES) -> Callable:
@@ -40,7 +41,7 @@ def grpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding
 
     def loss_fn(trainable, frozen, batch, rng):
         params = partition.merge(trainable, frozen)
-        policy = policy_params(params)
+        policy = model_params(params)
         with sharding.scope(mesh, rules):
             (logp, entropy), collections = completion_log_probs(
                 model, policy, batch, settings.temperature, rng, with_entropy=True
@@ -110,9 +111,7 @@ class GRPO(RLObjective):
 
     def jit_passes(self, model):
         temperature = self.settings.temperature
-        self._policy_logps = jax.jit(
-            lambda p, rows: completion_log_probs(model, policy_params(p), rows, temperature)[0]
-        )
+        self._policy_logps = jax.jit(lambda p, rows: completion_log_probs(model, model_params(p), rows, temperature)[0])
 
     def train_rows(self, params, sampled):
         g, out = self.settings, dict(sampled["rows"])

@@ -28,17 +28,11 @@ import numpy as np
 from jft import partition
 from jft.config import ConfigError
 from jft.losses import token_log_probs
-from jft.objectives.base import Objective, hidden_states
-from jft.objectives.dpo import REFERENCE, reference_of
+from jft.objectives.base import Objective, hidden_states, model_params
+from jft.objectives.dpo import reference_of
 from jft.objectives.sft import head
 
 Array = jax.Array
-VALUE_HEAD = "value_head"  # PPO's value head on the policy trunk, beside the model's params
-
-
-def policy_params(params: Mapping) -> dict:
-    """The policy model's own params: without a reference copy or a value head the objective keeps."""
-    return {k: v for k, v in params.items() if k not in (REFERENCE, VALUE_HEAD)}
 
 
 # ---------------------------------------------------------------------------- rollout pieces
@@ -74,6 +68,22 @@ def completion_rows(prompt_ids: Array, prompt_mask: Array, completions: Array, m
     }
 
 
+def tempered_log_probs(
+    model: Any, params: Mapping, hidden: Array, targets: Array, temperature: float = 1.0, rng=None, with_entropy=False
+):
+    """Per-token ``log softmax(head(hidden) / temperature)[targets]`` ``[n, t]`` (and the entropies
+    with ``with_entropy``) through the chunked loss head; ``rng``: dropout in the head."""
+    logits = head(model, params)
+    return token_log_probs(
+        hidden,
+        lambda h, r=None: logits(h, r) / temperature,
+        targets,
+        model.config.loss_chunk,
+        None if rng is None else jax.random.fold_in(rng, 1),
+        with_entropy,
+    )
+
+
 def completion_log_probs(
     model: Any, params: Mapping, rows: Mapping, temperature: float = 1.0, rng=None, with_entropy: bool = False
 ):
@@ -82,16 +92,7 @@ def completion_log_probs(
     of the forward; ``rng``: dropout in training. The temperature is the sampling one, so the
     log-probs are those of the distribution the completions came from (before top-k / top-p)."""
     hidden, collections = hidden_states(model, params, rows["input_ids"], rng, attention_mask=rows["attention_mask"])
-    logits = head(model, params)
-    out = token_log_probs(
-        hidden,
-        lambda h, r=None: logits(h, r) / temperature,
-        rows["targets"],
-        model.config.loss_chunk,
-        None if rng is None else jax.random.fold_in(rng, 1),
-        with_entropy,
-    )
-    return out, collections
+    return tempered_log_probs(model, params, hidden, rows["targets"], temperature, rng, with_entropy), collections
 
 
 # ---------------------------------------------------------------------------- rewards
@@ -301,7 +302,7 @@ class RLObjective(Objective):
         index = np.repeat(np.asarray(rows["index"]), n)
         comps = generate(
             model,
-            policy_params(params),
+            model_params(params),
             prompt_ids,
             s.max_completion_length,
             attention_mask=prompt_mask,
