@@ -212,8 +212,10 @@ def default_config() -> ConfigDict:
     c.ppo.vf_coef = 0.1  # weight of the value loss
     c.ppo.gamma = 1.0  # discount of GAE
     c.ppo.lam = 0.95  # lambda of GAE
-    c.ppo.kl_coef = 0.05  # weight of the per-token KL penalty in the reward; 0 = no reference
+    c.ppo.kl_coef = 0.05  # weight of the per-token KL penalty in the reward (the start, if adaptive); 0 = no reference
     c.ppo.kl_estimator = "k1"  # k1 | k2 | k3 (jft.objectives.policy_gradient.kl_penalty)
+    c.ppo.kl_target = 0.0  # > 0: adapt kl_coef towards this KL per completion (Ziegler et al.); 0 = fixed
+    c.ppo.kl_horizon = 10000.0  # the adaptive controller's horizon, in completions
     c.ppo.whiten_rewards = False  # whiten the per-token rewards (scale only) before GAE
 
     c.export = ConfigDict()

@@ -1,4 +1,4 @@
-"""Rule-based reward functions for GRPO (``grpo.reward_funcs = ("jft.rewards:chrf",)``).
+"""Rule-based reward functions for GRPO and PPO (``rl.reward_funcs = ("jft.rewards:chrf",)``).
 
 Each follows trl's convention, ``fn(prompts, completions, **columns) -> list[float]``: one value
 per completion, the columns being the prompt records' other fields (one value per completion).

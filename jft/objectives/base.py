@@ -39,6 +39,8 @@ class Objective:
     - :meth:`make_step`: the loop's step from the jitted train step (default: the train step on
       the batch; RL objectives sample and score completions first), and ``updates_per_step``,
       the optimizer updates one loop step makes (the schedule's length is ``max_steps`` times it);
+    - :meth:`state` / :meth:`load_state`: host-side values the objective carries from step to step
+      (PPO's adaptive KL coefficient), saved with each checkpoint's metadata as JSON;
     - :meth:`validate`: the validation report (with ``loss``, for early stopping), by default
       :meth:`summarize` of the eval step's sums over the validation rows; :meth:`extra_eval`:
       anything else it reports there;
@@ -83,6 +85,13 @@ class Objective:
         rows (``put`` shapes them for gradient accumulation and places them on the mesh); ``step``
         is the loop's step number (0 first), e.g. to derive a sampling key that a resume repeats."""
         return lambda state, rows, step: train_step(state, put(rows))
+
+    def state(self) -> dict:
+        """JSON values to checkpoint beside the train state (default: none)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Take back :meth:`state` from a checkpoint on resume."""
 
     def validate(self, model, params, eval_step, rows: list[dict], batch_sharding: Any = None) -> dict:
         """The validation report of ``params`` on ``rows``: :meth:`summarize` of the eval step's sums."""

@@ -126,7 +126,8 @@ def make_ppo_step(train_step: Callable, num_epochs: int, num_mini_batches: int, 
 class PPO(RLObjective):
     """PPO on prompt records: each loop step samples one completion for each of ``train.batch_size``
     prompts, scores it (``rl.*``), computes per-token rewards (``-kl_coef`` x the ``kl_estimator``
-    KL to the reference, plus the score at the last completion token; ``whiten_rewards``), GAE
+    KL to the reference, with a fixed ``kl_coef`` or one adapted towards ``kl_target`` (Ziegler et
+    al.; checkpointed), plus the score at the last completion token; ``whiten_rewards``), GAE
     (``gamma``, ``lam``) on the values of a value head on the policy trunk (zero-initialised, it
     always trains, also under PEFT, and is checkpointed), whitened advantages, then
     ``num_ppo_epochs`` x ``num_mini_batches`` updates. ``kl_coef = 0`` keeps no reference; the
@@ -151,7 +152,16 @@ class PPO(RLObjective):
             )
         if p.dual_clip and p.dual_clip <= 1:
             raise ConfigError(f"ppo.dual_clip={p.dual_clip} must be > 1 (or 0: off)")
+        if p.kl_target < 0 or p.kl_horizon <= 0:
+            raise ConfigError(f"ppo.kl_target={p.kl_target} must be >= 0 and ppo.kl_horizon={p.kl_horizon} > 0")
         self.updates_per_step = p.num_ppo_epochs * p.num_mini_batches
+        self.kl_coef = float(p.kl_coef)  # adapted after every rollout when ppo.kl_target > 0
+
+    def state(self):
+        return {"kl_coef": self.kl_coef}
+
+    def load_state(self, state):
+        self.kl_coef = float(state.get("kl_coef", self.settings.kl_coef))
 
     def add_frozen(self, model, params, labels):
         if self.settings.kl_coef:
@@ -176,7 +186,8 @@ class PPO(RLObjective):
             kl = np.where(mask, np.asarray(pg.kl_penalty(jnp.asarray(logp), jnp.asarray(ref), p.kl_estimator)), 0.0)
         else:
             kl = np.zeros_like(logp)
-        rewards = -p.kl_coef * kl
+        coef = self.kl_coef
+        rewards = -coef * kl
         has = mask.any(-1)
         last = np.where(has, mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=-1), 0)
         rewards[np.arange(len(last)), last] += np.where(has, sampled["rewards"], 0.0)
@@ -190,9 +201,13 @@ class PPO(RLObjective):
             advantages=np.asarray(advantages, np.float32),
             returns=np.asarray(returns, np.float32),
         )
+        mean_kl = float(kl.sum(-1).mean())  # per completion, summed over its tokens (trl's objective/kl)
+        if p.kl_target:  # Ziegler et al.'s controller, on this rollout's KL
+            self.kl_coef = float(pg.adaptive_kl_coef(coef, mean_kl, len(kl), p.kl_target, p.kl_horizon))
         info = {
-            "kl": float(kl.sum(-1).mean()),  # per completion, summed over its tokens (trl's objective/kl)
-            "non_score_reward": float((-p.kl_coef * kl).sum(-1).mean()),
+            "kl": mean_kl,
+            "kl_coef": coef,
+            "non_score_reward": float((-coef * kl).sum(-1).mean()),
             "explained_variance": float(pg.explained_variance(jnp.asarray(values), returns, jnp.asarray(mask))),
         }
         return out, info

@@ -157,6 +157,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     if ckpts.latest_step is not None:
         state, meta = ckpts.restore(state)  # frozen params come from the model source, not the checkpoint
         batches.restore(meta["data"])
+        objective.load_state(meta.get("objective", {}))
         resumed_from = ckpts.latest_step
         _log(main, f"resumed from step {resumed_from} ({ckpts.directory})")
     else:
@@ -165,7 +166,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         _log(main, f"before fine-tuning: {_fmt(meta['before'])}")
 
     def save(step, state, best=False):  # checkpoints are numbered by the loop's steps
-        meta.update(data=batches.state())
+        meta.update(data=batches.state(), objective=objective.state())
         ckpts.save(step, state, meta, best=best)
 
     # ------------------------------------------------------------------ Loop
