@@ -85,8 +85,9 @@ def jft_side(mode: str, args) -> dict:
     from jft import partition, peft
     from jft.generate import generate
     from jft.models.llama import LlamaConfig, LlamaForCausalLM
-    from jft.objectives.grpo import completion_mask, completion_rows, grpo_loss
+    from jft.objectives.grpo import grpo_loss
     from jft.objectives.policy_gradient import group_advantages
+    from jft.objectives.rl import completion_mask, completion_rows
     from jft.train import TrainState, make_optimizer, make_train_step
 
     B, G, C = args.prompts, args.generations, args.completion
@@ -369,7 +370,7 @@ def main():
                 f"peak {r['peak_mib']:6.1f} MiB (rollout {r['rollout_peak']:.1f} / update {r['update_peak']:.1f}); "
                 f"tokens generated {min(r['gen_tokens'])}-{max(r['gen_tokens'])}, trained "
                 f"{min(r['train_tokens'])}-{max(r['train_tokens'])} per iteration; trainable {r['trainable']:,}; "
-                f"mean loss {r['loss']:.4f}"
+                f"mean loss {r['loss']:.1e}"
             )
             if min(r["gen_tokens"]) < expected:
                 print(f"    {side}: completions stopped early: {min(r['gen_tokens'])} < {expected} tokens generated")

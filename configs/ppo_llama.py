@@ -12,7 +12,10 @@ the reference (ppo.kl_coef; the base with the adapters off). The exported policy
 head out.
 
 Offline demo, the reward model of the reward-model demo (README, "Reward models") scoring
-translations of the quickstart prompts:
+translations of the quickstart prompts. It runs end to end in about two minutes on 2 cores, but
+that reward model is weak (0.67 held-out pair accuracy), and in 60 steps the held-out reward did
+not rise (0.19 -> 0.16 to 0.17 at learning rates 1e-3 and 2e-4, KL 1-4): a better reward model is
+the lever. tests/test_ppo.py shows PPO raising a verifiable reward (0.28 -> 0.44 in 20 steps).
 
     jft train --config configs/ppo_llama.py --workdir runs/ppo \
         --config.model.path=runs/qs8/hf --config.data.train=jft/assets/en_fr.jsonl \

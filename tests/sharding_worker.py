@@ -301,10 +301,17 @@ def grpo(workdir: str) -> dict:
     return {"mesh": grpo_steps(Path(workdir), (2, 2, 2))}
 
 
+def ppo(workdir: str) -> dict:
+    """Three PPO steps of jft train on a 2x2x2 mesh (tests/test_ppo.py runs them on one device)."""
+    from test_ppo import ppo_steps
+
+    return {"mesh": ppo_steps(Path(workdir), (2, 2, 2))}
+
+
 if __name__ == "__main__":
     commands = {"full": run, "lora": run, "qlora": run, "errors": errors, "checkpoint": checkpoint}
     commands.update(fit=fit, multihost=multihost)
     commands.update(step_memory=step_memory)
-    commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh, dpo=dpo, grpo=grpo)
+    commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh, dpo=dpo, grpo=grpo, ppo=ppo)
     args = sys.argv[2:] if COMMAND not in ("full", "lora", "qlora") else [COMMAND]
     print(json.dumps(commands[COMMAND](*args)))

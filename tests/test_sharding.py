@@ -229,3 +229,13 @@ def test_grpo_on_a_2x2x2_mesh_trains_like_one_device(tmp_path):
     mesh = worker("grpo", str(tmp_path / "mesh"))["mesh"]
     assert len(one) == 3
     np.testing.assert_allclose(mesh, one, rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_on_a_2x2x2_mesh_trains_like_one_device(tmp_path):
+    """task=ppo: rollout, GAE and the compiled epochs x minibatches update on the mesh."""
+    from test_ppo import ppo_steps
+
+    one = ppo_steps(tmp_path / "one")
+    mesh = worker("ppo", str(tmp_path / "mesh"))["mesh"]
+    assert len(one) == 3
+    np.testing.assert_allclose(mesh, one, rtol=1e-4, atol=1e-6)
