@@ -168,8 +168,7 @@ def trl_side(mode: str, args) -> dict:
     import torch
     import transformers
     from datasets import Dataset
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     transformers.logging.set_verbosity_error()
@@ -178,15 +177,7 @@ def trl_side(mode: str, args) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_30M), attn_implementation="sdpa").float()
     base = rss_mib()
-    # a word-level tokenizer over the model's vocabulary: trl needs one for pad/eos ids only (the
-    # pairs come pre-tokenized)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, LLAMA_30M["vocab_size"])}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
+    tok = word_tokenizer(LLAMA_30M["vocab_size"])  # trl reads pad / eos ids only: the pairs come pre-tokenized
     n = args.pairs * (args.steps + 1)
     data = Dataset.from_list(synthetic_pairs(n, args.prompt, args.response))
     ref_model, peft_config = None, None
@@ -260,9 +251,24 @@ def trl_side(mode: str, args) -> dict:
 SIDES = {"jft": jft_side, "trl": trl_side}
 
 
-def run_child(side: str, mode: str, extra: tuple = ()) -> dict:
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over ids 0..vocab_size-1: "w5 w17" is [5, 17]; pad 0, BOS 1, EOS 2.
+    trl needs a tokenizer (pad / eos ids, and the text prompts of GRPO); the benchmarks' data
+    are token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def run_child(side: str, mode: str, extra: tuple = (), script: str = __file__) -> dict:
+    """One side of ``script`` in a fresh process (``MALLOC_MMAP_THRESHOLD_`` fixed): its JSON line,
+    or ``{"error": [last line]}``."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MIB))
-    cmd = [sys.executable, __file__, CHILD, side, mode, *sys.argv[1:], *extra]
+    cmd = [sys.executable, script, CHILD, side, mode, *sys.argv[1:], *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:

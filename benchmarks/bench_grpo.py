@@ -50,11 +50,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from bench_dpo import ALPHA, LR, MIB, RANK, TARGETS, _status_mib, reset_peak, rss_mib
+import bench_dpo
+from bench_dpo import ALPHA, LR, RANK, TARGETS, _status_mib, reset_peak, rss_mib, word_tokenizer
 from shapes import LLAMA_30M
 
 CHILD = "child"
@@ -169,8 +169,7 @@ def trl_side(mode: str, args) -> dict:
     import torch
     import transformers
     from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     transformers.logging.set_verbosity_error()
@@ -180,11 +179,7 @@ def trl_side(mode: str, args) -> dict:
     B, G, C = args.prompts, args.generations, args.completion
     model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_30M), attn_implementation="sdpa").float()
     base = rss_mib()
-    # a word-level tokenizer over the model's vocabulary: the text "w5 w17 ..." is the ids 5, 17, ...
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, LLAMA_30M["vocab_size"])}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok = word_tokenizer(LLAMA_30M["vocab_size"])  # the text "w5 w17 ..." is the ids 5, 17, ...
     prompts = synthetic_prompts(B * (args.steps + 1), args.prompt)
     data = Dataset.from_list([{"prompt": " ".join(f"w{t}" for t in p)} for p in prompts])
     assert tok(data[0]["prompt"])["input_ids"] == prompts[0], "the tokenizer does not map the text back to the ids"
@@ -282,13 +277,8 @@ SIDES = {"jft": jft_side, "trl": trl_side}
 
 
 def run_child(side: str, mode: str, extra: tuple = ()) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MIB))
-    cmd = [sys.executable, __file__, CHILD, side, mode, *sys.argv[1:], *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        return dict(error=(proc.stderr or proc.stdout).strip().splitlines()[-1:])
-    return summarize(json.loads(lines[-1]))
+    r = bench_dpo.run_child(side, mode, extra, script=__file__)
+    return r if "error" in r else summarize(r)
 
 
 def summarize(r: dict) -> dict:

@@ -91,3 +91,30 @@ def hf_base(hf_model_dir, tmp_path_factory):
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps({"text": "hello world " * (i % 5 + 1)}) + "\n" for i in range(40)))
     return folder, data
+
+
+@pytest.fixture
+def preempt_and_resume(monkeypatch):
+    """``run(make_config, workdir, step) -> (first, resumed)``: ``fit`` on ``make_config()`` gets a
+    SIGTERM during step ``step`` (it checkpoints and stops, as on a pod's preemption), then the
+    same config runs again in the same workdir; the two reports."""
+    import os
+    import signal
+
+    import jft.train.trainer as trainer
+    from jft.train import fit
+
+    def run(make_config, workdir, step):
+        flush = trainer._flush
+
+        def preempt(pending, *args):
+            if pending[-1][0] == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return flush(pending, *args)
+
+        monkeypatch.setattr(trainer, "_flush", preempt)
+        first = fit(make_config(), workdir)
+        monkeypatch.setattr(trainer, "_flush", flush)
+        return first, fit(make_config(), workdir)
+
+    return run

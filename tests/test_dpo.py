@@ -206,18 +206,15 @@ def test_dpo_on_a_4_bit_base_uses_the_quantized_base_as_reference(hf_model_dir):
 
 
 def test_a_preempted_dpo_run_resumes_exactly_and_jft_eval_scores_it_against_its_reference(
-    hf_base, tmp_path, monkeypatch
+    hf_base, tmp_path, preempt_and_resume
 ):
     """LoRA DPO on a Hugging Face folder: a SIGTERM during step 4 checkpoints and stops, the same
     command resumes and ends where an uninterrupted run ends; ``jft eval`` then reproduces the
     final validation metrics from the exported model against ``--reference`` (the base folder), and
     from the base + adapter without one."""
     import json
-    import os
-    import signal
     from pathlib import Path
 
-    import jft.train.trainer as trainer
     from jft.cli import main
     from jft.config import ConfigError, load_config
     from jft.train import evaluate, fit
@@ -233,18 +230,9 @@ def test_a_preempted_dpo_run_resumes_exactly_and_jft_eval_scores_it_against_its_
     config = lambda: load_config("configs/dpo_llama.py", over)  # noqa: E731
     straight = fit(config(), tmp_path / "straight")
 
-    flush = trainer._flush
-
-    def preempt_at_step_4(pending, *args):
-        if pending[-1][0] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return flush(pending, *args)
-
-    monkeypatch.setattr(trainer, "_flush", preempt_at_step_4)
     run = tmp_path / "run"
-    assert fit(config(), run) == {"status": "preempted", "step": 4, "resumed_from": 0, "steps_run": 4}
-    monkeypatch.setattr(trainer, "_flush", flush)
-    resumed = fit(config(), run)
+    first, resumed = preempt_and_resume(config, run, 4)
+    assert first == {"status": "preempted", "step": 4, "resumed_from": 0, "steps_run": 4}
     assert (resumed["resumed_from"], resumed["steps_run"]) == (4, 2)
     after = resumed["after"]
     assert after["rewards/margins"] != 0.0  # the policy moved away from its reference

@@ -2,8 +2,6 @@
 mean reward rising on a verifiable toy reward, and an exact resume after preemption."""
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import jax
@@ -147,11 +145,10 @@ def grpo_steps(workdir: Path, mesh=(1, 1, 1)) -> list:
     return [(r["loss"], r["reward_mean"], r["kl"]) for r in rows if "reward_mean" in r]
 
 
-def test_grpo_raises_the_mean_reward_and_a_preempted_run_resumes_exactly(tmp_path, monkeypatch):
+def test_grpo_raises_the_mean_reward_and_a_preempted_run_resumes_exactly(tmp_path, preempt_and_resume):
     """A tiny new model, full fine-tuning, the toy reward: measured 0.31 -> 0.52 mean held-out reward
     in 10 steps. A SIGTERM during step 6 checkpoints and stops; the same command resumes (the
     sampling keys come from the step) and ends where the uninterrupted run ends."""
-    import jft.train.trainer as trainer
     from jft.train import fit
 
     straight = fit(load_config("configs/grpo_llama.py", OVERRIDES), tmp_path / "straight")
@@ -162,18 +159,9 @@ def test_grpo_raises_the_mean_reward_and_a_preempted_run_resumes_exactly(tmp_pat
     assert {"entropy", "clipfrac", "completion_length", "frac_reward_zero_std", "rollout_s", "update_s"} <= set(
         train_rows[0]
     )
-    flush = trainer._flush
-
-    def preempt_at_step_6(pending, *args):
-        if pending[-1][0] == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return flush(pending, *args)
-
-    monkeypatch.setattr(trainer, "_flush", preempt_at_step_6)
     run = tmp_path / "run"
-    assert fit(load_config("configs/grpo_llama.py", OVERRIDES), run)["status"] == "preempted"
-    monkeypatch.setattr(trainer, "_flush", flush)
-    resumed = fit(load_config("configs/grpo_llama.py", OVERRIDES), run)
+    first, resumed = preempt_and_resume(lambda: load_config("configs/grpo_llama.py", OVERRIDES), run, 6)
+    assert first["status"] == "preempted"
     assert (resumed["resumed_from"], resumed["steps_run"]) == (6, 4)
     for k, v in after.items():
         np.testing.assert_allclose(resumed["after"][k], v, rtol=1e-5, err_msg=k)
