@@ -217,6 +217,32 @@ def default_config() -> ConfigDict:
     c.ppo.kl_target = 0.0  # > 0: adapt kl_coef towards this KL per completion (Ziegler et al.); 0 = fixed
     c.ppo.kl_horizon = 10000.0  # the adaptive controller's horizon, in completions
     c.ppo.whiten_rewards = False  # whiten the per-token rewards (scale only) before GAE
+    # the values: "" = a value head on the policy trunk; "reward_model" = a separate critic started
+    # from rl.reward_model (trl's default); or any sequence-classification folder (num_labels = 1)
+    c.ppo.value_model = ""
+
+    c.distill = ConfigDict()  # a teacher's outputs train the student: jft distill and task = "distill"
+    c.distill.teacher = ""  # the teacher: a model folder or hub id jft loads (same vocabulary for task = "distill")
+    c.distill.teacher_adapter = ""  # an adapter folder (jft's or peft's) applied to the teacher; "" = none
+    c.distill.teacher_quant = ""  # "" | nf4 | int4: hold the teacher's base weights in 4 bits
+    # jft distill (sequence level): the teacher answers prompts, the answers become SFT data
+    c.distill.prompts = ""  # prompt records (instruction, chat or {"prompt"}); "" = data.train
+    c.distill.num_samples = 1  # responses generated per prompt
+    c.distill.max_new_tokens = 128  # tokens per response at most
+    c.distill.sample_temperature = 0.0  # sampling temperature of the teacher (and GKD's student); 0 = greedy
+    c.distill.sample_top_k = 0  # sample from the k most likely tokens (0 = all)
+    c.distill.sample_top_p = 1.0  # nucleus sampling mass (1 = all)
+    c.distill.generate_batch_size = 8  # prompts per generation batch
+    c.distill.drop_empty = True  # drop responses with no text
+    c.distill.drop_truncated = True  # drop responses that never reached EOS (cut at max_new_tokens)
+    c.distill.drop_duplicates = True  # drop a response identical to an earlier one for the same prompt
+    # task = "distill" (logit level, shared vocabulary): the loss per trained token is
+    # alpha * JSD_beta(teacher || student at temperature) + (1 - alpha) * cross entropy on the data
+    c.distill.alpha = 0.5  # weight of the divergence; 1 = divergence only (trl's GKD), 0 = plain SFT
+    c.distill.beta = 0.5  # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL, 0.5 = JSD
+    c.distill.temperature = 1.0  # both distributions are softened by this temperature in the divergence
+    c.distill.teacher_top_k = 0  # > 0: the teacher's distribution renormalised over its k most likely tokens
+    c.distill.lmbda = 0.0  # share of batches replaced by the student's own samples scored by the teacher (GKD)
 
     c.export = ConfigDict()
     c.export.hf = True  # write the fine-tuned model as a Hugging Face folder into workdir/hf

@@ -67,6 +67,56 @@ def test_a_rollout_at_the_start_has_no_kl_and_an_update_at_lr_0_changes_nothing(
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_critic_started_from_a_reward_model_values_each_prefix_by_its_score_and_trains(tmp_path):
+    """ppo.value_model='reward_model': the critic is a copy of the reward model's weights whose score
+    head reads every position, so a position's value is the reward model's score of the row up to
+    it; all its weights train (the trunk too); another vocabulary than the policy's is refused."""
+    from jft.generate import generate
+    from jft.models.llama import last_token_scores
+
+    critic = jft.LlamaForCausalLM(jft.LlamaConfig.tiny(num_hidden_layers=1, num_labels=1, pad_token_id=0))
+    critic_params = critic.init_params(jax.random.key(5))
+    jft.save_hf(critic, critic_params, tmp_path / "rm")
+    model, params = lora_policy()
+    labels = peft.labels(params, model.peft)
+    over = [f"rl.reward_model={tmp_path / 'rm'}", "ppo.value_model=reward_model", "train.batch_size=4"]
+    objective = PPO(load_config(CONFIG, over))
+    params, labels = objective.add_frozen(model, params, labels)
+    for a, b in zip(jax.tree.leaves(params[VALUE_HEAD]), jax.tree.leaves(critic_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(jax.tree.leaves(labels[VALUE_HEAD]))
+    objective.tokenizer = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    objective.setup(model)
+    prompt_ids = jnp.asarray([[0, 0, 1, 7, 8], [1, 9, 10, 11, 12], [0, 1, 5, 7, 8], [1, 9, 3, 11, 12]])
+    prompt_mask = (prompt_ids > 0).astype(jnp.int32)
+    comps = generate(model, params, prompt_ids, 6, attention_mask=prompt_mask, rng=jax.random.key(3), temperature=1.0)
+    rows = {
+        k: np.asarray(v)
+        for k, v in completion_rows(prompt_ids, prompt_mask, comps, completion_mask(comps, (2,))[0]).items()
+    }
+    rollout, _ = objective.train_rows(params, {"rows": rows, "rewards": np.asarray([1.0, -1.0, 0.5, 0.0])})
+    mask = jnp.asarray(rows["attention_mask"])
+    hidden = critic.apply(
+        {"params": critic_params}, jnp.asarray(rows["input_ids"]), attention_mask=mask, hidden_only=True
+    )
+    scores = last_token_scores(critic, critic_params, hidden, mask)[:, 0]
+    last = rows["attention_mask"].shape[1] - 1 - np.argmax(rows["attention_mask"][:, ::-1], axis=-1)
+    np.testing.assert_allclose(rollout["old_values"][np.arange(4), last], scores, rtol=1e-5, atol=1e-6)
+    tx = optax.adam(1e-2)
+    train_step = make_train_step(objective.loss(model), tx, lambda _: 1e-2)
+    state = TrainState.create(params, labels, tx, jax.random.key(2))
+    new, metrics = jax.jit(make_ppo_step(train_step, 1, 1))(state, rollout, jax.random.key(4))
+    assert float(metrics["value_loss"]) > 0
+    embed = lambda s: s.trainable[VALUE_HEAD]["model"]["embed_tokens"]["embedding"]  # noqa: E731
+    assert not np.allclose(embed(new), embed(state))
+    small = jft.LlamaForCausalLM(jft.LlamaConfig.tiny(num_hidden_layers=1, num_labels=1, vocab_size=64))
+    jft.save_hf(small, small.init_params(jax.random.key(0)), tmp_path / "other")
+    with pytest.raises(ConfigError, match="vocabulary of 64 tokens"):
+        PPO(load_config(CONFIG, [f"rl.reward_model={tmp_path / 'other'}", "ppo.value_model=reward_model"])).add_frozen(
+            model, params, labels
+        )
+
+
 OVERRIDES = [
     "model.path=", "tokenizer.train_on_data=True", f"data.train={Path(jft.__file__).parent / 'assets' / 'en_fr.jsonl'}",
     "data.template=compact", "data.seq_len=32", "data.validation_fraction=0.05", "rl.max_completion_length=8",
@@ -130,3 +180,5 @@ def test_ppo_config_errors():
         PPO(load_config(CONFIG, [*base, "ppo.dual_clip=0.5"]))
     with pytest.raises(ConfigError, match="task=ppo needs rewards"):
         PPO(load_config(CONFIG))
+    with pytest.raises(ConfigError, match="rl.reward_model, which is not set"):
+        PPO(load_config(CONFIG, [*base, "ppo.value_model=reward_model"]))

@@ -60,9 +60,10 @@ class Objective:
         log-probabilities); default: unchanged."""
         return data
 
-    def add_frozen(self, model, params, labels):
-        """``(params, labels)`` with anything frozen the objective keeps beside the model (a
-        reference policy's copy); frozen leaves are never checkpointed (rebuilt on resume)."""
+    def add_frozen(self, model, params, labels, mesh=None, rules=sharding.DEFAULT_RULES):
+        """``(params, labels)`` with anything the objective keeps beside the model (a reference
+        policy's copy, a value head), placed on ``mesh``; frozen leaves are never checkpointed
+        (rebuilt on resume), trainable ones are."""
         return params, labels
 
     def add_reference(self, model, params, reference: dict | None):

@@ -169,7 +169,7 @@ class DPO(Objective):
             out[split] = [{**row, "ref_logps": ref} for row, ref in zip(data[split], saved[split], strict=True)]
         return out
 
-    def add_frozen(self, model, params, labels):
+    def add_frozen(self, model, params, labels, mesh=None, rules=sharding.DEFAULT_RULES):
         if self.cfg.dpo.loss in REFERENCE_FREE or self.cfg.dpo.precompute_reference:
             return params, labels
         return add_reference_copy(model, params, labels)

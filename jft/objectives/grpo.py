@@ -103,7 +103,7 @@ class GRPO(RLObjective):
         self.samples_per_prompt = g.num_generations
         self.updates_per_step = g.num_iterations
 
-    def add_frozen(self, model, params, labels):
+    def add_frozen(self, model, params, labels, mesh=None, rules=sharding.DEFAULT_RULES):
         return (params, labels) if not self.settings.beta else add_reference_copy(model, params, labels)
 
     def loss(self, model, mesh=None, rules=sharding.DEFAULT_RULES):

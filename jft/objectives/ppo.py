@@ -37,28 +37,45 @@ def token_values(value_head: Mapping, hidden: Array) -> Array:
     return jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), value_head["kernel"]) + value_head["bias"]
 
 
-def policy_and_values(model: Any, params: Mapping, rows: Mapping, temperature: float, rng=None, with_entropy=False):
+def critic_values(critic: Any, params: Mapping, rows: Mapping) -> Array:
+    """``[n, t]`` float32 values from a separate critic: a sequence-classification model
+    (``num_labels = 1``, e.g. a reward model) whose score head reads every position of the rollout
+    rows, not only the last (the value of a position, as for :func:`token_values`)."""
+    hidden, _ = hidden_states(critic, params, rows["input_ids"], attention_mask=rows["attention_mask"])
+    return critic.apply({"params": params}, hidden, method="head")[..., 0].astype(jnp.float32)
+
+
+def policy_and_values(
+    model: Any, params: Mapping, rows: Mapping, temperature: float, rng=None, with_entropy=False, critic=None
+):
     """``(log-probs [n, t] (, entropies), values [n, t], collections)`` from one forward of the
-    policy trunk over rollout rows (:func:`jft.objectives.rl.completion_rows`)."""
+    policy over rollout rows (:func:`jft.objectives.rl.completion_rows`); the values come from a
+    value head on the policy trunk (``params[VALUE_HEAD]`` = ``{kernel, bias}``) or, given the
+    ``critic`` model, from the critic's params under ``params[VALUE_HEAD]`` (:func:`critic_values`)."""
     policy = model_params(params)
     hidden, collections = hidden_states(model, policy, rows["input_ids"], rng, attention_mask=rows["attention_mask"])
     logp = tempered_log_probs(model, policy, hidden, rows["targets"], temperature, rng, with_entropy)
-    return logp, token_values(params[VALUE_HEAD], hidden), collections
+    if critic is None:
+        return logp, token_values(params[VALUE_HEAD], hidden), collections
+    return logp, critic_values(critic, params[VALUE_HEAD], rows), collections
 
 
-def ppo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.DEFAULT_RULES) -> Callable:
+def ppo_loss(
+    model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.DEFAULT_RULES, critic: Any = None
+) -> Callable:
     """``loss_fn(trainable, frozen, batch, rng)`` on rollout rows with ``old_logps``, ``old_values``,
     ``advantages`` and ``returns`` ``[n, t]``: summed over completion tokens, the clipped policy loss
     (``cliprange``, optional ``dual_clip``) plus ``vf_coef`` x the clipped value loss
     (``cliprange_value``), per token (the weight is the token count). Metrics per token:
     ``policy_loss``, ``value_loss``, ``clipfrac``, ``value_clipfrac``, ``entropy``, ``approx_kl``
-    (``0.5 (log r)^2`` against the sampling policy); ``tokens``."""
+    (``0.5 (log r)^2`` against the sampling policy); ``tokens``. ``critic``: the model of a
+    separate critic (:func:`policy_and_values`); None = the value head on the policy trunk."""
 
     def loss_fn(trainable, frozen, batch, rng):
         params = partition.merge(trainable, frozen)
         with sharding.scope(mesh, rules):
             (logp, entropy), values, collections = policy_and_values(
-                model, params, batch, settings.temperature, rng, with_entropy=True
+                model, params, batch, settings.temperature, rng, with_entropy=True, critic=critic
             )
         mask = batch["loss_weights"] > 0
         per_token, clipped = pg.clipped_policy_loss(
@@ -128,8 +145,11 @@ class PPO(RLObjective):
     prompts, scores it (``rl.*``), computes per-token rewards (``-kl_coef`` x the ``kl_estimator``
     KL to the reference, with a fixed ``kl_coef`` or one adapted towards ``kl_target`` (Ziegler et
     al.; checkpointed), plus the score at the last completion token; ``whiten_rewards``), GAE
-    (``gamma``, ``lam``) on the values of a value head on the policy trunk (zero-initialised, it
-    always trains, also under PEFT, and is checkpointed), whitened advantages, then
+    (``gamma``, ``lam``) on the values of a value head on the policy trunk (zero-initialised) or of
+    a separate critic (``value_model``: a sequence-classification folder, ``"reward_model"`` =
+    ``rl.reward_model``'s, as trl initialises its value model; same tokenizer as the policy; all
+    its weights train). Either always trains, also under PEFT, and is checkpointed. Then whitened
+    advantages and
     ``num_ppo_epochs`` x ``num_mini_batches`` updates. ``kl_coef = 0`` keeps no reference; the
     reference is, as for DPO, the base with the adapters off under PEFT or a frozen copy."""
 
@@ -154,7 +174,10 @@ class PPO(RLObjective):
             raise ConfigError(f"ppo.dual_clip={p.dual_clip} must be > 1 (or 0: off)")
         if p.kl_target < 0 or p.kl_horizon <= 0:
             raise ConfigError(f"ppo.kl_target={p.kl_target} must be >= 0 and ppo.kl_horizon={p.kl_horizon} > 0")
+        if p.value_model == "reward_model" and not p.reward_model:
+            raise ConfigError("ppo.value_model='reward_model' starts the critic from rl.reward_model, which is not set")
         self.updates_per_step = p.num_ppo_epochs * p.num_mini_batches
+        self.critic = None  # the separate critic's model (ppo.value_model), set by add_frozen
         self.kl_coef = float(p.kl_coef)  # adapted after every rollout when ppo.kl_target > 0
 
     def state(self):
@@ -163,19 +186,44 @@ class PPO(RLObjective):
     def load_state(self, state):
         self.kl_coef = float(state.get("kl_coef", self.settings.kl_coef))
 
-    def add_frozen(self, model, params, labels):
-        if self.settings.kl_coef:
+    def add_frozen(self, model, params, labels, mesh=None, rules=sharding.DEFAULT_RULES):
+        p = self.settings
+        if p.kl_coef:
             params, labels = add_reference_copy(model, params, labels)
-        embed = model.config.hidden_size
-        value_head = {"kernel": jnp.zeros((embed,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
-        return {**params, VALUE_HEAD: value_head}, {**labels, VALUE_HEAD: {"kernel": True, "bias": True}}
+        if p.value_model:
+            self.critic, value_head = self._load_critic(model, mesh, rules)
+        else:
+            embed = model.config.hidden_size
+            value_head = {"kernel": jnp.zeros((embed,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
+        return {**params, VALUE_HEAD: value_head}, {**labels, VALUE_HEAD: jax.tree.map(lambda _: True, value_head)}
+
+    def _load_critic(self, model, mesh, rules):
+        from jft.config import resolve_compute_dtype
+        from jft.hf import load_hf
+
+        p, cfg = self.settings, self.cfg
+        folder = p.reward_model if p.value_model == "reward_model" else p.value_model
+        critic, params = load_hf(
+            folder, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg), mesh=mesh, rules=rules
+        )
+        if critic.config.num_labels != 1:
+            raise ConfigError(
+                f"ppo.value_model: {folder} has {critic.config.num_labels or 'no'} score labels; a critic is a "
+                "sequence-classification model with one (a reward model of task='reward', or num_labels=1)"
+            )
+        if critic.config.vocab_size != model.config.vocab_size:
+            raise ConfigError(
+                f"ppo.value_model: {folder} has a vocabulary of {critic.config.vocab_size} tokens, the policy "
+                f"{model.config.vocab_size}; the critic reads the policy's tokens, so it needs the same tokenizer"
+            )
+        return critic, params
 
     def loss(self, model, mesh=None, rules=sharding.DEFAULT_RULES):
-        return ppo_loss(model, self.settings, mesh, rules)
+        return ppo_loss(model, self.settings, mesh, rules, self.critic)
 
     def jit_passes(self, model):
-        temperature = self.settings.temperature
-        self._policy_values = jax.jit(lambda p, rows: policy_and_values(model, p, rows, temperature)[:2])
+        temperature, critic = self.settings.temperature, self.critic
+        self._policy_values = jax.jit(lambda p, rows: policy_and_values(model, p, rows, temperature, critic=critic)[:2])
 
     def train_rows(self, params, sampled):
         p, out = self.settings, dict(sampled["rows"])

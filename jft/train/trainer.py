@@ -124,7 +124,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         labels = partition.labels(params, objective.train_rules + tuple(map(tuple, cfg.train.rules)), num_layers)
     _log(main, partition.summary(params, labels))
     _log(main, f"attention: {attention_lib.describe(cfg.model.attention, cfg.model.attention_chunk)}")
-    params, labels = objective.add_frozen(model, params, labels)  # e.g. a reference policy's copy
+    params, labels = objective.add_frozen(model, params, labels, mesh, rules)  # e.g. a reference policy's copy
     masks = partition.layer_masks(partition.split(params, labels)[0], labels)  # partly frozen layer stacks
     tx, schedule = optimizer_from_config(cfg.optim, total_steps * updates, masks, seed=cfg.train.seed)
     batch_sharding = sharding.batch_sharding(mesh, rules)
