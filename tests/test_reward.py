@@ -156,7 +156,8 @@ def test_a_reward_model_learns_the_demo_pairs_and_exports_a_sequence_classifier(
 
 
 def test_lora_trains_the_score_head_too(tmp_path):
-    """Under PEFT the score head is trainable (the objective's rule): it is saved with the adapter."""
+    """Under PEFT the score head is trainable (the objective's rule): it is saved with the adapter
+    (a peft SEQ_CLS adapter: the head is a modules_to_save tensor)."""
     from pathlib import Path
 
     import safetensors.numpy
@@ -168,6 +169,6 @@ def test_lora_trains_the_score_head_too(tmp_path):
     over = DEMO_OVERRIDES + [f"data.train={data}", "train.max_steps=3", "eval.num_examples=0"]
     report = fit(load_config("configs/reward_llama.py", over), tmp_path / "run")
     tensors = safetensors.numpy.load_file(next(Path(report["adapter"]).glob("*.safetensors")))
-    assert "score/kernel" in tensors and any("lora" in k for k in tensors), sorted(tensors)[:5]
+    assert "base_model.model.score.weight" in tensors and any("lora" in k for k in tensors), sorted(tensors)[:5]
     model, _ = jft.load_hf(tmp_path / "run" / "hf")
     assert model.config.num_labels == 1

@@ -61,7 +61,10 @@ class Reward(Objective):
     """Bradley-Terry reward modelling on ``{"prompt", "chosen", "rejected"}`` records (or their
     conversational form; optional ``margin``), tokenized by :func:`jft.data.preference.tokenize_pairs`.
     The model gets a one-label score head (a new one on a causal-LM folder) that always trains,
-    also under PEFT; the export is a ``*ForSequenceClassification`` folder."""
+    also under PEFT. The export (:meth:`Objective.export`) is a ``*ForSequenceClassification``
+    folder in workdir/hf; under LoRA or IA3, workdir/adapter is a peft ``SEQ_CLS`` adapter with
+    the trained head as ``modules_to_save`` (``peft.PeftModel.from_pretrained`` puts it on a
+    ``*ForSequenceClassification`` of the base folder: ``num_labels=1`` for a causal-LM one)."""
 
     name = "reward"
     model_overrides = {"num_labels": 1}

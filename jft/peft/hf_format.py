@@ -9,6 +9,11 @@ rank/alpha patterns), IA3, prefix tuning or prompt tuning. Tensor names are peft
 weights ``[out, in]``, so ``lora_A [r, in]`` is ``lora_a[3].T`` and ``lora_B [out, r]`` is
 ``lora_b[3].T``. Prefix and prompt tuning store one table, ``prompt_embeddings``. Only
 safetensors is read or written: jft never unpickles.
+
+A sequence classifier (a reward model, ``num_labels > 0``) under LoRA or IA3 is a ``SEQ_CLS``
+adapter: its ``score`` head is one of peft's ``modules_to_save`` (trained whole, stored whole
+as ``base_model.model.score.weight [num_labels, hidden]``), so
+``PeftModel.from_pretrained(LlamaForSequenceClassification..., folder)`` scores as jft does.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,13 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _PREFIX = "base_model.model."
 _PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}
+# Whole modules peft keeps as ``modules_to_save`` that jft holds: module -> {tensor name after
+# base_model.model.: (jft param path, transposed)}. peft's save_pretrained drops the wrapper's
+# ``modules_to_save.default.`` from the name, so the file has ``base_model.model.score.weight``.
+_SAVED_MODULES = {"score": {"score.weight": (("score", "kernel"), True)}}
+# What peft's SEQ_CLS task adds to modules_to_save by itself (and writes to adapter_config.json);
+# ``classifier`` is no module of a Llama-family model, so peft and jft both pass over it.
+_SEQ_CLS_MODULES = ("classifier", "score")
 # adapter_config.json fields that describe where the adapter came from, not what it computes.
 _INFORMATIONAL = {
     "base_model_name_or_path",
@@ -59,20 +72,24 @@ def save_adapter(
     """Write ``model.peft``'s adapter as peft's ``save_pretrained`` does; return the folder.
 
     ``params`` are the full params of the PEFT model (base + adapter leaves). LoRA/DoRA/IA3
-    tensors are written per layer under peft's names; prefix tuning writes its key/value table
+    tensors are written per layer under peft's names; on a sequence classifier (``num_labels``)
+    the adapter is ``SEQ_CLS`` and holds the score head too (peft's ``modules_to_save``, the
+    head as ``params`` have it, trained or not); prefix tuning writes its key/value table
     ``[n, layers * 2 * kv_heads * head_dim]`` (a projection MLP is evaluated first, and the
     config keeps ``prefix_projection: true``, exactly as peft saves it); prompt tuning writes
     its ``[n, hidden]`` table. Tensors keep the params' dtype. Each file is written under a
     temporary name and renamed.
 
     Adapters peft cannot express (BitFit, bottleneck adapters, Compacter, several methods at
-    once, extra trainable leaves) are written in jft's own format instead
-    (:mod:`jft.peft.native`), which :func:`load_adapter` reads too.
+    once, extra trainable leaves other than a classifier's score head, prefix or prompt tuning
+    on a classifier) are written in jft's own format instead (:mod:`jft.peft.native`), which
+    :func:`load_adapter` reads too.
     """
     cfg, spec = model.config, model.peft
     if not spec.methods:
         raise ValueError("the model has no PEFT method: there is no adapter to save")
-    if not has_peft_format(spec):
+    saved = _saved_modules(model)
+    if saved is None:
         return native.save_native(model, params, out_dir)
     method = spec.methods[0]
     out = Path(out_dir)
@@ -105,17 +122,43 @@ def save_adapter(
         tensors["prompt_embeddings"] = _host(table)
     else:
         tensors["prompt_embeddings"] = _host(params["model"]["prompt"])
+    for module in saved:
+        for name, (path, transpose) in _SAVED_MODULES[module].items():
+            value = _host(tree.get_path(params, path))
+            tensors[_PREFIX + name] = value.T if transpose else value
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     _atomic(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    body = json.dumps(_config(spec, cfg, method, base_model_name_or_path), indent=2, sort_keys=True)
+    body = json.dumps(_config(spec, cfg, method, base_model_name_or_path, saved), indent=2, sort_keys=True)
     _atomic(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(body + "\n"))
     return out
 
 
-def has_peft_format(spec: Peft) -> bool:
-    """Whether peft can hold this adapter: one of LoRA, IA3, prefix or prompt tuning, alone,
-    with no extra trainable leaves (peft's ``modules_to_save``)."""
-    return len(spec.methods) == 1 and spec.methods[0] in _PEFT_TYPES and not spec.train
+def has_peft_format(model: Any) -> bool:
+    """Whether peft can hold ``model.peft``'s adapter: one of LoRA, IA3, prefix or prompt tuning,
+    alone, with no extra trainable leaves except whole modules peft keeps as ``modules_to_save``
+    (a sequence classifier's score head, under LoRA or IA3)."""
+    return _saved_modules(model) is not None
+
+
+def _saved_modules(model: Any) -> tuple[str, ...] | None:
+    """The ``modules_to_save`` of ``model``'s adapter in peft's format (``("score",)`` for a
+    sequence classifier, else ``()``), or None when peft has no format for it."""
+    spec = model.peft
+    if len(spec.methods) != 1 or spec.methods[0] not in _PEFT_TYPES:
+        return None
+    saved = ("score",) if model.config.num_labels else ()
+    if saved and spec.methods[0] not in ("lora", "ia3"):
+        return None  # peft's prompt learning on a classifier is not held to jft's scores
+    if not spec.train:
+        return saved
+    # What the extra rules change must lie inside the modules written whole.
+    shapes = model.param_shapes()
+    with_rules, without = dict(tree.walk(core.labels(shapes, spec))), core.labels(shapes, replace(spec, train=()))
+    inside = {p for m in saved for p, _ in _SAVED_MODULES[m].values()}
+    for path, label in tree.walk(without):
+        if not np.array_equal(label, with_rules[path]) and path not in inside:
+            return None
+    return saved
 
 
 def _host(x) -> np.ndarray:
@@ -136,14 +179,16 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _config(spec: Peft, cfg, method: str, base: str | None) -> dict:
+def _config(spec: Peft, cfg, method: str, base: str | None, saved: tuple[str, ...] = ()) -> dict:
+    seq_cls = bool(cfg.num_labels)
+    modules = sorted(set(saved) | set(_SEQ_CLS_MODULES if seq_cls else ()))  # as peft writes them
     common = {
         "base_model_name_or_path": base,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": modules or None,
         "peft_type": _PEFT_TYPES[method],
         "revision": None,
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM",
     }
     if method == "lora":
         lora = spec.lora
@@ -213,9 +258,13 @@ def load_adapter(model: Any, params: Mapping, adapter_dir: str | os.PathLike) ->
     The :class:`jft.peft.Peft` spec is built from ``adapter_config.json`` and the tensors are
     put on the base with :func:`jft.peft.attach` (base arrays shared, not copied). Supported:
     LORA (rsLoRA, DoRA, rank/alpha patterns), IA3, PREFIX_TUNING and PROMPT_TUNING for
-    CAUSAL_LM. Raises :class:`jft.CheckpointError` naming the file, key and mismatch for a
-    missing file, an unsupported peft type or option, a target that is no module of the
-    model, a tensor of the wrong shape, a tensor that maps to no module, or a missing tensor.
+    CAUSAL_LM, and LORA and IA3 for SEQ_CLS onto a sequence classifier (``load_hf(...,
+    num_labels=N)``): the adapter's score head (``modules_to_save``) replaces the base's and
+    trains with the adapter (the spec gets ``train=(("score/.*", "trainable"),)``). Raises
+    :class:`jft.CheckpointError` naming the file, key and mismatch for a missing file, an
+    unsupported peft type, task or option, a target or ``modules_to_save`` entry that is no
+    module of the model, a tensor of the wrong shape, a tensor that maps to no module, or a
+    missing tensor.
     """
     folder = Path(adapter_dir)
     if (folder / native.CONFIG).is_file():
@@ -243,6 +292,8 @@ def load_adapter(model: Any, params: Mapping, adapter_dir: str | os.PathLike) ->
     if model.peft != Peft():
         raise ValueError(f"the model already has PEFT methods ({model.peft}); load the adapter onto the base model")
     spec, read = _spec_from_config(conf, cfg, str(config_file))
+    saved = _modules_to_save(conf, cfg, str(config_file))
+    spec = replace(spec, train=tuple((f"{m}/.*", "trainable") for m in saved))
     try:
         new_model = core.build(model, spec)
     except ValueError as e:
@@ -251,15 +302,26 @@ def load_adapter(model: Any, params: Mapping, adapter_dir: str | os.PathLike) ->
     with safe_open(weights, framework="numpy") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
     _check_base_copies(stored, params, cfg, str(weights))
+    modules = _read_saved_modules(saved, shapes, stored, str(weights))
     adapter = read(new_model, shapes, stored, str(weights))
+    for path, value in tree.walk(modules):
+        tree.set_path(adapter, path, value)
     return core.attach(model, params, spec, adapter)
 
 
 def _spec_from_config(conf: dict, cfg, file: str):
     peft_type = conf.get("peft_type")
     task = conf.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        raise CheckpointError(f"{file}: task_type {task!r} is not supported; jft loads CAUSAL_LM adapters")
+    if task == "SEQ_CLS":
+        if peft_type not in ("LORA", "IA3"):
+            raise CheckpointError(f"{file}: task_type 'SEQ_CLS' with {peft_type!r}: jft loads SEQ_CLS LORA and IA3")
+        if not cfg.num_labels:
+            raise CheckpointError(
+                f"{file}: task_type 'SEQ_CLS' needs a sequence-classification base (a score head); this one is a "
+                "causal LM. Load the base with jft.load_hf(path, num_labels=N)"
+            )
+    elif task not in (None, "CAUSAL_LM"):
+        raise CheckpointError(f"{file}: task_type {task!r} is not supported; jft loads CAUSAL_LM and SEQ_CLS adapters")
     if peft_type == "LORA":
         return _lora_spec(conf, cfg, file), _read_linear
     if peft_type == "IA3":
@@ -283,7 +345,7 @@ def _unsupported(conf: dict, handled: set[str], file: str) -> None:
 
 def _lora_spec(conf: dict, cfg, file: str) -> Peft:
     handled = {"r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "use_dora"}
-    handled |= {"rank_pattern", "alpha_pattern", "init_lora_weights", "loftq_config", "eva_config"}
+    handled |= {"rank_pattern", "alpha_pattern", "init_lora_weights", "loftq_config", "eva_config", "modules_to_save"}
     _unsupported(conf, handled, file)
     init = conf.get("init_lora_weights", True)
     if init not in _PLAIN_LORA_INITS:
@@ -311,13 +373,55 @@ def _lora_spec(conf: dict, cfg, file: str) -> Peft:
 
 
 def _ia3_spec(conf: dict, cfg, file: str) -> Peft:
-    _unsupported(conf, {"target_modules", "feedforward_modules", "init_ia3_weights"}, file)
+    _unsupported(conf, {"target_modules", "feedforward_modules", "init_ia3_weights", "modules_to_save"}, file)
     targets = _targets(conf, "target_modules", file)
     feedforward = tuple(conf.get("feedforward_modules") or ())
     spec = _resolved(lambda: Peft(ia3=IA3(targets=targets, feedforward=feedforward)), cfg, file)
     if set(match_targets(feedforward, cfg.num_hidden_layers, "feedforward_modules", True)) - set(spec.ia3.targets):
         raise CheckpointError(f"{file}: feedforward_modules {list(feedforward)} are not all in target_modules")
     return spec
+
+
+def _modules_to_save(conf: dict, cfg, file: str) -> tuple[str, ...]:
+    """The modules a LORA / IA3 adapter holds whole: its ``modules_to_save``, with those peft's
+    SEQ_CLS task adds by itself; ``classifier`` (no module of these models) is passed over."""
+    names = conf.get("modules_to_save") or []
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{file}: modules_to_save must be a list of module names, got {names!r}")
+    seq_cls = conf.get("task_type") == "SEQ_CLS"
+    names = set(names) | set(_SEQ_CLS_MODULES if seq_cls else ())
+    unknown = sorted(n for n in names if n not in _SAVED_MODULES and not (seq_cls and n == "classifier"))
+    if unknown:
+        raise CheckpointError(
+            f"{file}: modules_to_save {unknown} is not supported: jft's peft loader takes whole only the score "
+            f"head of a SEQ_CLS adapter ({sorted(_SAVED_MODULES)}); use jft's own adapter format for other "
+            "trained modules"
+        )
+    if "score" in names and not cfg.num_labels:
+        raise CheckpointError(f"{file}: modules_to_save names 'score', but this base is a causal LM with no score head")
+    return tuple(sorted(n for n in names if n in _SAVED_MODULES))
+
+
+def _read_saved_modules(saved: tuple[str, ...], shapes: Mapping, stored: dict[str, np.ndarray], file: str) -> dict:
+    """The tensors of the ``modules_to_save`` (popped from ``stored``) as jft leaves."""
+    out: dict = {}
+    for module in saved:
+        for name, (path, transpose) in _SAVED_MODULES[module].items():
+            key = _PREFIX + name
+            if key not in stored:
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} is missing; the adapter's modules_to_save lists {module!r}, "
+                    "which peft saves whole"
+                )
+            tensor, want = stored.pop(key), tree.get_path(shapes, path)
+            shape = tuple(want.shape)[::-1] if transpose else tuple(want.shape)
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}; the base model expects {shape} "
+                    "(another num_labels or hidden size?)"
+                )
+            tree.set_path(out, path, (tensor.T if transpose else tensor).astype(want.dtype))
+    return out
 
 
 def _targets(conf: dict, field: str, file: str):
