@@ -74,6 +74,21 @@ def _eval(args, overrides) -> int:
     return 0
 
 
+def _distill(args, overrides) -> int:
+    from jft.config import load_config
+    from jft.distill import distill
+
+    report = distill(load_config(args.config, overrides), args.workdir)
+    if report.get("status") == "preempted":
+        return 0
+    fit = report["fit"]
+    print(
+        f"distill report: {args.workdir}/distill/report.json; data: {args.workdir}/distill/data.jsonl "
+        f"({report['data']['kept']} records); student: {fit.get('hf') or fit.get('adapter') or '(not exported)'}"
+    )
+    return 0
+
+
 def _merge(args, overrides) -> int:
     from jft.merge import load_merge_config, merge_folders, merge_moe
 
@@ -121,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", default=None, help="DPO configs: the reference policy's folder (the model training started from)"
     )
     ev.set_defaults(func=_eval)
+
+    dist = sub.add_parser(
+        "distill",
+        help="a teacher answers prompts, the student fine-tunes on the answers (sequence-level distillation)",
+        description="Sequence-level distillation: distill.teacher answers distill.prompts (default data.train), the "
+        "answers become SFT records in WORKDIR/distill/data.jsonl, and the config's model trains on them as jft train "
+        "does; WORKDIR/distill/report.json compares teacher and student. Override fields with --config.a.b=value. "
+        "Running again with the same workdir resumes generation, then training.",
+    )
+    dist.add_argument("--config", required=True, help="a Python file with get_config(), e.g. configs/distill_llama.py")
+    dist.add_argument("--workdir", required=True, help="where generations, data, checkpoints, reports and the model go")
+    dist.set_defaults(func=_distill)
 
     merge = sub.add_parser(
         "merge",

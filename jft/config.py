@@ -32,7 +32,8 @@ def default_config() -> ConfigDict:
     # {"prompt", "chosen", "rejected"} pairs (data.seq_len bounds each side); dpo = direct
     # preference optimization (or a variant, dpo.loss) on the same pairs; grpo = group relative
     # policy optimization on prompt records with reward functions and/or a reward model (rl.*,
-    # grpo.*); ppo = proximal policy optimization with a value head on the same prompts (rl.*, ppo.*)
+    # grpo.*); ppo = proximal policy optimization with a value head on the same prompts (rl.*, ppo.*);
+    # distill = logit distillation from distill.teacher on SFT records (distill.*)
     c.task = "sft"
 
     c.model = ConfigDict()

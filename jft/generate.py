@@ -39,6 +39,11 @@ def sample_logits(logits: Array, rng: Array, temperature: float, top_k: int | No
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _per_row(rng) -> bool:
+    """Whether ``rng`` is a ``[batch]`` array of typed keys (``jax.random.key``), one per row."""
+    return jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _prefill(model, params, ids, mask, cache_length):
     """Run the prompts ``[b, t]`` into a fresh cache of ``cache_length`` slots; last logits ``[b, vocab]``."""
@@ -53,7 +58,11 @@ def _decode(model, params, first_logits, cache, rng, eos, pad, num_new, out_len,
     batch = first_logits.shape[0]
 
     def pick(logits, step, done):
-        token = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+        if _per_row(rng):  # one key per row: a row's tokens do not depend on the rest of the batch
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, step)
+            token = jax.vmap(lambda x, k: sample_logits(x[None], k, temperature, top_k, top_p)[0])(logits, keys)
+        else:
+            token = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
         token = jnp.where(done, pad, token)
         return token, done | jnp.isin(token, eos)
 
@@ -96,7 +105,9 @@ def generate(
       prompt_ids: ``[batch, length]`` int token ids, left-padded when rows differ in length.
       attention_mask: ``[batch, length]``, 1 for prompt tokens and 0 for the left padding;
         default all ones.
-      rng: a ``jax.random`` key; required when ``temperature > 0``.
+      rng: a ``jax.random`` key; required when ``temperature > 0``. A ``[batch]`` array of typed
+        keys (``jax.random.key``) gives each row its own, so a row's sample does not depend on
+        which other rows share its batch.
       temperature: 0 (default) is greedy decoding; otherwise sample from softmax(logits / T),
         optionally restricted to the ``top_k`` most likely tokens and/or the smallest set
         whose probability reaches ``top_p``.
@@ -123,6 +134,8 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an explicit rng, e.g. jax.random.key(0)")
+    if rng is not None and _per_row(rng) and rng.shape[0] != ids.shape[0]:
+        raise ValueError(f"rng holds {rng.shape[0]} keys for {ids.shape[0]} prompts; give one key, or one per row")
     if eos_token_id is None:
         eos_token_id = cfg.eos_token_id
     eos = np.atleast_1d(np.asarray(eos_token_id, np.int32)) if np.size(eos_token_id) else np.full((1,), -1, np.int32)

@@ -5,12 +5,14 @@ its reward functions read.
     rows[0]["prompt_ids"]                         # [256] int32, left-padded (prompt_mask marks the real ones)
     prompts[0].prompt, prompts[0].columns         # what reward functions get for this row
 
-Three record forms, as trl's GRPO users and jft's SFT users have them:
+Four record forms, as trl's GRPO users and jft's SFT users have them:
 
     standard        {"prompt": str, ...}: BOS + the prompt's tokens, no template
     conversational  {"prompt": [messages], ...}: rendered by the chat template with the generation prompt
     instruction     {"instruction": str, "input": str?, ...}: rendered by the data template without its
                     output (so a model fine-tuned on the template sees the same layout)
+    chat            {"messages": [messages], ...}: an SFT chat record; the conversation before its last
+                    assistant turn (all of it when it has none), rendered as a conversational prompt
 
 Every other field of a record (an ``output``, an ``answer``, ...) is a column: reward functions get
 it as a keyword argument, one value per completion (trl's convention).
@@ -29,7 +31,8 @@ from jft.data.preference import OVERLONG, _messages
 FORMS = (
     "a prompt record is {'prompt': str}, {'prompt': [{'role': str, 'content': str}, ...]} (rendered by the "
     "chat template with the generation prompt), or an instruction record {'instruction': str, 'input': str} "
-    "(input optional) rendered by data.template; its other fields are columns for the reward functions"
+    "(input optional) rendered by data.template, or a chat record {'messages': [...]} (the conversation before "
+    "its last assistant turn); its other fields are columns for the reward functions"
 )
 
 
@@ -84,8 +87,16 @@ def split_prompt(record: dict, tokenizer, template: Template = ALPACA, where: st
         text = (template.prompt_with_input if fields["input"].strip() else template.prompt).format(**fields)
         columns = {k: v for k, v in record.items() if k not in ("instruction", "input")}
         return text, Prompt(text, columns, False)
+    if "messages" in record:
+        messages = _messages(record["messages"], "messages", where)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        if not messages[:last]:
+            raise DataError(f"{where}: field 'messages' has no message before its last assistant turn; {FORMS}")
+        columns = {k: v for k, v in record.items() if k != "messages"}
+        return _render_chat(tokenizer, messages[:last], True, where), Prompt(messages[:last], columns, True)
     raise DataError(
-        f"{where}: record has no 'prompt' or 'instruction' field (its fields are {sorted(record)}); {FORMS}"
+        f"{where}: record has no 'prompt' or 'instruction' field, nor 'messages' (its fields are {sorted(record)}); "
+        f"{FORMS}"
     )
 
 

@@ -9,6 +9,7 @@ training-only terms), so the same function scores validation data
 """
 
 from jft.objectives.base import Objective, eval_sums
+from jft.objectives.distill import Distill, distill_loss
 from jft.objectives.dpo import DPO, dpo_loss, response_log_probs
 from jft.objectives.grpo import GRPO, grpo_loss
 from jft.objectives.ppo import PPO, make_ppo_step, ppo_loss
@@ -21,10 +22,12 @@ TASKS: dict[str, type[Objective]] = {
     "dpo": DPO,
     "grpo": GRPO,
     "ppo": PPO,
+    "distill": Distill,
 }  # config.task -> objective
 
 __all__ = [
     "DPO",
+    "Distill",
     "GRPO",
     "SFT",
     "TASKS",
@@ -32,6 +35,7 @@ __all__ = [
     "PPO",
     "Reward",
     "bradley_terry_loss",
+    "distill_loss",
     "dpo_loss",
     "eval_sums",
     "grpo_loss",

@@ -13,13 +13,14 @@ from jft.config import ConfigError
 from jft.hf import save_hf
 
 REFERENCE = "reference"  # a frozen reference policy's copy beside the model's params (DPO, GRPO, PPO)
-VALUE_HEAD = "value_head"  # PPO's value head on the policy trunk, beside the model's params
+VALUE_HEAD = "value_head"  # PPO's value head on the policy trunk (or its critic), beside the model's params
+TEACHER = "teacher"  # logit distillation's frozen teacher, beside the student's params
 
 
 def model_params(params: dict) -> dict:
     """The model's own params, without what an objective keeps beside them (a reference copy, a
-    value head): what the policy runs with and what is exported."""
-    return {k: v for k, v in params.items() if k not in (REFERENCE, VALUE_HEAD)}
+    value head, a teacher): what the policy runs with and what is exported."""
+    return {k: v for k, v in params.items() if k not in (REFERENCE, VALUE_HEAD, TEACHER)}
 
 
 class Objective:
