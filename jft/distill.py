@@ -32,8 +32,8 @@ from jft import data as jdata
 from jft import evaluate as jeval
 from jft import partition, peft, sharding
 from jft.config import ConfigDict, ConfigError, check, resolve_compute_dtype
-from jft.data.formats import DataError, prompt_ids
-from jft.data.prompts import PromptStats, split_prompt
+from jft.data.formats import DataError
+from jft.data.prompts import PromptStats, prompt_tokens
 from jft.hf import CheckpointError, load_hf, load_tokenizer, resolve
 from jft.train.trainer import TrainingError
 
@@ -135,12 +135,7 @@ def read_prompts(
     items, stats = [], PromptStats()
     for index, (where, record) in enumerate(pairs):
         stats.records += 1
-        text, prompt = split_prompt(record, tokenizer, template, where)
-        ids = prompt_ids(text, tokenizer)
-        if not ids:
-            raise DataError(f"{where}: the prompt has no tokens")
-        if vocab_size is not None and max(ids) >= vocab_size:
-            raise DataError(f"{where}: token id {max(ids)} is outside the teacher's vocabulary of {vocab_size}")
+        ids, prompt = prompt_tokens(record, tokenizer, template, where, vocab_size)
         if len(ids) > max_length:
             stats.dropped += 1
             continue

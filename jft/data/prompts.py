@@ -100,6 +100,20 @@ def split_prompt(record: dict, tokenizer, template: Template = ALPACA, where: st
     )
 
 
+def prompt_tokens(
+    record: dict, tokenizer, template: Template = ALPACA, where: str = "record", vocab_size: int | None = None
+) -> tuple[list[int], Prompt]:
+    """``(token ids, Prompt)`` of a prompt record (:func:`split_prompt`; BOS once, as training sees
+    it); :class:`DataError` naming ``where`` for an empty prompt or an id at or above ``vocab_size``."""
+    text, prompt = split_prompt(record, tokenizer, template, where)
+    ids = prompt_ids(text, tokenizer)
+    if not ids:
+        raise DataError(f"{where}: the prompt has no tokens; {FORMS}")
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise DataError(f"{where}: token id {max(ids)} is outside the model's vocabulary of {vocab_size}")
+    return ids, prompt
+
+
 def tokenize_prompts(
     records: list[tuple[str, dict]],
     tokenizer,
@@ -122,12 +136,7 @@ def tokenize_prompts(
     rows, prompts, stats = [], [], PromptStats()
     for where, record in records:
         stats.records += 1
-        text, prompt = split_prompt(record, tokenizer, template, where)
-        ids = prompt_ids(text, tokenizer)
-        if not ids:
-            raise DataError(f"{where}: the prompt has no tokens; {FORMS}")
-        if vocab_size is not None and max(ids) >= vocab_size:
-            raise DataError(f"{where}: token id {max(ids)} is outside the model's vocabulary of {vocab_size}")
+        ids, prompt = prompt_tokens(record, tokenizer, template, where, vocab_size)
         if len(ids) > max_length:
             if overlong == "drop":
                 stats.dropped += 1
