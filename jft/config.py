@@ -166,6 +166,15 @@ def default_config() -> ConfigDict:
     c.eval.num_examples = 64  # validation records scored by generation (0 = none)
     c.eval.max_new_tokens = 64  # tokens generated per example
     c.eval.batch_size = 16  # prompts per generation batch
+    # per-slice report (jft.objectives.sft.slice_report; SFT and distill): every validation record
+    # scored on its own, loss/perplexity/generation metrics per prompt-length, training-frequency
+    # and record-field slice with 95% intervals, into workdir/slices.json. Off by default: it adds
+    # an unpacked forward pass over the validation records and the bootstrap
+    c.eval.slices = False
+    c.eval.slice_by = ()  # record fields whose values are slices too, e.g. ("topic",)
+    c.eval.length_edges = ()  # prompt-length bucket edges in tokens, e.g. (16, 32); () = the quartiles
+    c.eval.bootstrap_resamples = 1000  # resamples of the percentile bootstrap and the paired comparison
+    c.eval.seed = 0  # seed of the bootstrap resamples
 
     c.reward = ConfigDict()  # task = "reward"
     # weight of (r_chosen + r_rejected)^2, which centres the rewards on 0 (trl's center_rewards_coefficient)

@@ -144,6 +144,47 @@ def text_metrics_by_slice(
     return out
 
 
+def metric_statistics(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    names: Sequence[str] = ("bleu", "chrf", "rouge", "exact_match"),
+) -> dict[str, Callable[[np.ndarray], float]]:
+    """``{metric: fn(indices) -> score}``: each :func:`text_metrics` value as a function of a subset
+    (or a bootstrap resample, repeats allowed) of the examples, for :func:`jft.stats.bootstrap_interval`.
+
+    Text is scored once: BLEU and chrF keep sacrebleu's per-sentence n-gram statistics and sum the
+    chosen rows (exactly how sacrebleu computes a corpus score), the averaged metrics keep their
+    per-example scores. ``fn(arange(n))`` equals :func:`text_metrics`.
+    """
+    import sacrebleu
+
+    predictions, references = list(predictions), list(references)
+    out: dict[str, Callable[[np.ndarray], float]] = {}
+
+    def corpus(metric):
+        stats = np.asarray(metric._extract_corpus_statistics(predictions, [references]))  # [n, k]
+        return lambda idx: float(metric._compute_score_from_stats(stats[idx].sum(0).tolist()).score)
+
+    def averaged(values):
+        values = np.asarray(values, np.float64)
+        return lambda idx: float(values[idx].mean())
+
+    for name in names:
+        if name == "bleu":
+            out["bleu"] = corpus(sacrebleu.BLEU())
+        elif name == "chrf":
+            out["chrf"] = corpus(sacrebleu.CHRF())
+        elif name == "rouge":
+            per = [rouge([p], [r]) for p, r in zip(predictions, references, strict=True)]
+            for key in ("rouge1", "rouge2", "rougeL", "rouge"):
+                out[key] = averaged([s[key] for s in per])
+        elif name in METRICS:
+            out[name] = averaged([METRICS[name]([p], [r]) for p, r in zip(predictions, references, strict=True)])
+        else:
+            raise ValueError(f"unknown metric {name!r}; valid names are {sorted(METRICS)}")
+    return out
+
+
 def perplexity(loss: float) -> float:
     """``exp(loss)``, the mean per-token loss as a perplexity; capped at ``exp(100)`` (NaN stays NaN)."""
     loss = float(loss)
@@ -263,4 +304,101 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------- slice reports
+
+
+def compare_losses(before: dict, after: dict, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Paired bootstrap of the validation loss of two slice reports (:func:`jft.objectives.sft.slice_report`)
+    over the records both scored: :func:`jft.stats.paired_comparison` of the token-weighted loss,
+    ``difference`` = after - before (negative: fine-tuning lowered the loss)."""
+    from jft import stats
+
+    b, a = before["per_example"], after["per_example"]
+    where_a = {r: j for j, r in enumerate(a["record"])}
+    both = [(i, where_a[r]) for i, r in enumerate(b["record"]) if r in where_a]
+    if not both:
+        raise ValueError("the two reports share no validation records")
+    ib, ia = (np.array(x, np.int64) for x in zip(*both, strict=True))
+
+    def loss(per, rows):
+        ls, w = np.asarray(per["loss_sum"])[rows], np.asarray(per["weight"])[rows]
+        return lambda idx: float(ls[idx].sum() / max(w[idx].sum(), 1e-9))
+
+    out = stats.paired_comparison(loss(b, ib), loss(a, ia), n=len(both), n_resamples=n_resamples, seed=seed)
+    return {"metric": "loss", "before": out.pop("a"), "after": out.pop("b"), **out}
+
+
+def _cell(x) -> str:
+    if isinstance(x, dict):
+        value, low, high = x.get("value"), x.get("low"), x.get("high")
+        if value is None:
+            return "-"
+        if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+            return f"{value:.4g}"
+        return f"{value:.4g} [{low:.4g}, {high:.4g}]"
+    return "-" if x is None else str(x)
+
+
+def slice_table(report: dict) -> str:
+    """A Markdown table of a slice report (one row per slice; ``value [low, high]`` cells, 95%),
+    with the ``comparison`` line when the report has one (``{"before", "after", "comparison"}``
+    as ``jft train`` writes it: the table shows ``after``)."""
+    if "after" in report or "before" in report:
+        body = report.get("after") or report.get("before")
+    else:
+        body = report
+    if not body:
+        return "(no slice report)"
+    metrics = [k for k, v in body["overall"].items() if isinstance(v, dict)]
+    header = ["slice", "bucket", "count", "tokens", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [("overall", "all", body["overall"])]
+    rows += [(name, key, entry) for name, buckets in body["slices"].items() for key, entry in buckets.items()]
+    for name, key, entry in rows:
+        cells = [name, key, str(entry["count"]), str(entry.get("tokens", "-")), *(_cell(entry.get(m)) for m in metrics)]
+        lines.append("| " + " | ".join(cells) + " |")
+    c = report.get("comparison")
+    if c:
+        verdict = "significant" if c["significant"] else "not significant"
+        lines.append(
+            f"\nloss before {c['before']:.4g} -> after {c['after']:.4g}: change {c['difference']:+.4g} "
+            f"[{c['low']:.4g}, {c['high']:.4g}], paired bootstrap p = {c['p_value']:.3g} ({verdict} at "
+            f"{1 - c['confidence']:.2g}, {c['n']} records)"
+        )
+    return "\n".join(lines)
+
+
+def slice_plot(report: dict, path: str | os.PathLike) -> Path:
+    """A PNG of the loss per slice with its 95% interval (one panel per kind of slice; ``before``
+    in grey beside ``after`` when the report has both). Returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(k, report[k]) for k in ("before", "after") if report.get(k)] or [("", report)]
+    kinds = list(runs[-1][1]["slices"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        labels = list(runs[-1][1]["slices"][kind])
+        for j, (name, body) in enumerate(runs):
+            got = [body["slices"].get(kind, {}).get(k, {}).get("loss", {}) for k in labels]
+            value = np.array([g.get("value", np.nan) for g in got], float)
+            low = np.array([np.nan if g.get("low") is None else g["low"] for g in got], float)
+            high = np.array([np.nan if g.get("high") is None else g["high"] for g in got], float)
+            err = np.nan_to_num(np.stack([value - low, high - value]), nan=0.0)
+            x = np.arange(len(labels)) + (j - (len(runs) - 1) / 2) * 0.35
+            ax.bar(x, value, 0.35, yerr=err, capsize=3, label=name or None, color="0.7" if name == "before" else None)
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=45, ha="right")
+        ax.set_title(kind)
+        ax.set_ylabel("loss")
+    if len(runs) > 1:
+        axes[0][0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

@@ -8,12 +8,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jft import data as jdata
 from jft import evaluate as jeval
 from jft import partition, sharding
-from jft.losses import chunked_cross_entropy
-from jft.objectives.base import Objective, hidden_states, per_weight
+from jft.losses import chunked_cross_entropy, token_log_probs
+from jft.objectives.base import Objective, hidden_states, model_params, per_weight
 
 Batch = Mapping[str, jax.Array]
 
@@ -74,6 +75,9 @@ class SFT(Objective):
             examples, stats = tokenize(cfg, pairs, tokenizer, vocab)
             out[split] = jdata.pack(examples, cfg.data.seq_len, packed=cfg.data.pack)
             out[f"{split}_stats"] = str(stats)
+            if split == "train":  # how often each token was a training target: the frequency slices
+                targets = [ids[1:][weights[1:] > 0] for ids, weights in examples]
+                self.train_counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *targets]), minlength=vocab)
         return out
 
     def loss(self, model, mesh=None, rules=sharding.DEFAULT_RULES):
@@ -85,10 +89,16 @@ class SFT(Objective):
 
     def extra_eval(self, model, params, tokenizer, records):
         cfg = self.cfg
-        if not cfg.eval.num_examples:
-            return {}
         template = jdata.TEMPLATES[cfg.data.template]
-        return generation_report(model, params, tokenizer, records[: cfg.eval.num_examples], template, cfg.eval)
+        generated = None
+        out = {}
+        if cfg.eval.num_examples:
+            generated = generations(model, params, tokenizer, records[: cfg.eval.num_examples], template, cfg.eval)
+            out = generation_metrics(generated, cfg.eval)
+        if cfg.eval.slices:
+            counts = getattr(self, "train_counts", None)
+            out["slices"] = slice_report(model, params, tokenizer, records, cfg, counts, generated)
+        return out
 
 
 def tokenize(cfg, pairs, tokenizer, vocab_size: int):
@@ -106,21 +116,188 @@ def tokenize(cfg, pairs, tokenizer, vocab_size: int):
     )
 
 
-def generation_report(model, params, tokenizer, pairs, template, eval_cfg) -> dict:
-    """Greedy generation on validation records that have a reference answer; text metrics."""
-    prompts, refs = [], []
-    for _, record in pairs:
+def generations(model, params, tokenizer, pairs, template, eval_cfg) -> dict:
+    """Greedy answers to the records of ``pairs`` that have a reference: ``{"index"`` (position in
+    ``pairs``), ``"prompts"``, ``"references"``, ``"predictions"}``, lists of one length (maybe 0)."""
+    index, prompts, refs = [], [], []
+    for i, (_, record) in enumerate(pairs):
         rendered = jdata.prompt_and_reference(record, tokenizer, template)
         if rendered is not None:
+            index.append(i)
             prompts.append(rendered[0])
             refs.append(rendered[1])
+    preds = []
+    if prompts:
+        preds = jeval.generate_predictions(
+            model,
+            model_params(params),
+            tokenizer,
+            prompts,
+            max_new_tokens=eval_cfg.max_new_tokens,
+            batch_size=eval_cfg.batch_size,
+        )
+    return {"index": index, "prompts": prompts, "references": refs, "predictions": preds}
+
+
+def generation_metrics(generated: dict, eval_cfg) -> dict:
+    """``eval_cfg.metrics`` of :func:`generations` and its first five examples; {} when none."""
+    prompts, refs, preds = generated["prompts"], generated["references"], generated["predictions"]
     if not prompts:
         return {}
-    preds = jeval.generate_predictions(
-        model, params, tokenizer, prompts, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size
-    )
     out = jeval.text_metrics(preds, refs, names=tuple(eval_cfg.metrics))
     out["examples"] = [
         {"prompt": p, "reference": r, "prediction": y} for p, r, y in list(zip(prompts, refs, preds, strict=True))[:5]
     ]
     return out
+
+
+def generation_report(model, params, tokenizer, pairs, template, eval_cfg) -> dict:
+    """Greedy generation on validation records that have a reference answer; text metrics."""
+    return generation_metrics(generations(model, params, tokenizer, pairs, template, eval_cfg), eval_cfg)
+
+
+# ---------------------------------------------------------------------------- slices
+
+
+def token_nll(model: Any) -> Callable:
+    """``nll(params, batch) -> [rows, seq_len]`` float32 per-target negative log-likelihood (no
+    dropout), the loss of :func:`token_loss` before it is weighted and summed."""
+
+    def nll(params, batch):
+        hidden, _ = hidden_states(
+            model, params, batch["input_ids"], None, positions=batch["positions"], segment_ids=batch["segment_ids"]
+        )
+        return -token_log_probs(hidden, head(model, params), batch["targets"], model.config.loss_chunk)
+
+    return nll
+
+
+def example_rows(cfg, pairs, tokenizer, vocab: int) -> tuple[list[int], list[int], list]:
+    """``(index, prompt_lengths, examples)``: each record of ``pairs`` kept by :func:`tokenize`'s
+    rules (truncate or drop, drop when nothing carries loss) as one example, with its position in
+    ``pairs`` and its prompt length: its tokens that are not response (BOS, prompt; for chat the
+    non-assistant turns)."""
+    from jft.data.formats import RESPONSE, encode_kinds
+
+    d = cfg.data
+    table = np.array([0.0, d.prompt_loss_weight, d.response_loss_weight], np.float32)
+    template = jdata.TEMPLATES[d.template]
+    index, lengths, examples = [], [], []
+    for i, (where, record) in enumerate(pairs):
+        ids, kinds = encode_kinds(record, tokenizer, template=template, fmt=d.format, where=where)
+        if len(ids) > d.seq_len + 1:
+            if d.overlong == "drop":
+                continue
+            ids, kinds = ids[: d.seq_len + 1], kinds[: d.seq_len + 1]
+        kinds = np.asarray(kinds, np.int64)
+        weights = table[kinds]
+        if weights[1:].sum() <= 0 or max(ids, default=0) >= vocab:
+            continue
+        index.append(i)
+        lengths.append(int((kinds != RESPONSE).sum()))
+        examples.append((np.asarray(ids, np.int32), weights))
+    return index, lengths, examples
+
+
+def _interval(value, low, high) -> dict:
+    return {"value": value, "low": low, "high": high}
+
+
+def slice_report(model, params, tokenizer, pairs, cfg, train_counts=None, generated: dict | None = None) -> dict:
+    """Loss, perplexity and generation metrics per slice of the validation records, with 95% intervals.
+
+    Each record is scored as its own unpacked row, so its loss is its own. Slices: ``prompt_length``
+    (buckets of prompt tokens at ``eval.length_edges``, () = quartiles), ``target_frequency`` (target
+    tokens bucketed by how often they were training targets, ``train_counts [vocab]``; token-level:
+    a record counts in every bucket it has tokens of, with the loss of those tokens only, and no
+    generation metrics) and one per ``eval.slice_by`` record field.
+    Per slice: ``count`` (records), ``tokens``, ``loss`` (token-weighted, as the validation loss) and
+    ``perplexity`` with percentile-bootstrap intervals over records, ``example_loss`` (mean of the
+    records' mean token losses) with a Student t interval, and for the generated records
+    (``generated``, from :func:`generations`) ``generated`` and each metric with bootstrap intervals.
+    ``per_example`` keeps the records' loss sums and weights for a paired comparison.
+    """
+    from jft import stats
+
+    e = cfg.eval
+    boot = dict(n_resamples=e.bootstrap_resamples, seed=e.seed)
+    vocab = model.config.vocab_size
+    index, prompt_lengths, examples = example_rows(cfg, pairs, tokenizer, vocab)
+    if not examples:
+        return {}
+    width = min(cfg.data.seq_len, -(-max(len(ids) - 1 for ids, _ in examples) // 16) * 16)  # one compiled shape
+    rows = jdata.pack(examples, width, packed=False)
+    nll_fn = jax.jit(token_nll(model))
+    params = model_params(params)
+    size = cfg.train.batch_size
+    nll = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
+        chunk = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (size - len(chunk))
+        batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+        nll.append(np.asarray(jax.device_get(nll_fn(params, batch)), np.float64)[: len(rows[i : i + size])])
+    nll_nt = np.concatenate(nll)  # [examples, width]
+    weights_nt = np.stack([r["loss_weights"] for r in rows]).astype(np.float64)
+    targets_nt = np.stack([r["targets"] for r in rows])
+    loss_sum, weight = (nll_nt * weights_nt).sum(1), weights_nt.sum(1)
+
+    counts = np.zeros(vocab, np.int64) if train_counts is None else np.asarray(train_counts)
+    freq_labels = np.array(stats.frequency_buckets(counts))  # [vocab]
+    gen_at = {r: j for j, r in enumerate(generated["index"])} if generated and generated["index"] else {}
+    metric_fns = {}
+    if gen_at:
+        metric_fns = jeval.metric_statistics(generated["predictions"], generated["references"], tuple(e.metrics))
+
+    def summary(members: np.ndarray, ls: np.ndarray, w: np.ndarray, tokens: int, texts: bool = True) -> dict:
+        """Slice of the examples ``members`` with per-example loss sums ``ls`` and weights ``w``."""
+        ratio = lambda idx: float(ls[idx].sum() / max(w[idx].sum(), 1e-9))  # noqa: E731
+        loss = stats.bootstrap_interval(ratio, n=len(members), **boot)
+        out = {
+            "count": len(members),
+            "tokens": tokens,
+            "loss": _interval(*loss),
+            "perplexity": _interval(*(jeval.perplexity(x) for x in loss)),
+            "example_loss": _interval(*stats.mean_interval(ls / np.maximum(w, 1e-9))),
+        }
+        gen = np.array([gen_at[index[m]] for m in members if index[m] in gen_at], np.int64)
+        if metric_fns and texts:
+            out["generated"] = len(gen)
+        if len(gen) and texts:
+            for name, fn in metric_fns.items():
+                out[name] = _interval(*stats.bootstrap_interval(lambda idx, fn=fn: fn(gen[idx]), n=len(gen), **boot))
+        return out
+
+    def by_labels(labels: list[str], order=None) -> dict:
+        found = stats.groups(labels)
+        keys = sorted(found, key=order) if order else sorted(found)
+        out = {}
+        for k in keys:
+            members = found[k]
+            out[k] = summary(members, loss_sum[members], weight[members], int((weights_nt[members] > 0).sum()))
+        return out
+
+    freq_nt = freq_labels[np.clip(targets_nt, 0, vocab - 1)]
+    frequency = {}
+    for label in sorted(set(freq_nt[weights_nt > 0].tolist()), key=stats.frequency_order):
+        mask_nt = (freq_nt == label) & (weights_nt > 0)
+        members = np.flatnonzero(mask_nt.any(1))
+        ls, w = (nll_nt * weights_nt * mask_nt).sum(1)[members], (weights_nt * mask_nt).sum(1)[members]
+        frequency[label] = summary(members, ls, w, int(mask_nt.sum()), texts=False)  # a token slice: no texts
+
+    records = [pairs[i][1] for i in index]
+    slices = {
+        "prompt_length": by_labels(
+            stats.length_buckets(prompt_lengths, tuple(e.length_edges) or None), order=stats.length_order
+        ),
+        "target_frequency": frequency,
+        **{f"field:{f}": by_labels(stats.field_slices(records, f)) for f in e.slice_by},
+    }
+    overall = summary(np.arange(len(index)), loss_sum, weight, int((weights_nt > 0).sum()))
+    return {
+        "overall": overall,
+        "slices": slices,
+        "confidence": 0.95,
+        "bootstrap_resamples": e.bootstrap_resamples,
+        "seed": e.seed,
+        "per_example": {"record": index, "loss_sum": loss_sum.tolist(), "weight": weight.tolist()},
+    }

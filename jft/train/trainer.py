@@ -5,7 +5,8 @@ loss, its evaluation and its export (:class:`jft.objectives.Objective`); everyth
 Sections: Config, Tokenizer, Data, Model, Optimizer, Step, Checkpoint, Loop, Export.
 Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/ (Orbax;
 or under ``train.checkpoint_dir``, e.g. a gs:// bucket on a pod, with a copy of config.json),
-metrics.jsonl, tb/ (TensorBoard), loss.png, report.json and hf/ (the model).
+metrics.jsonl, tb/ (TensorBoard), loss.png, report.json, slices.json + slices.png (eval.slices)
+and hf/ (the model).
 Running ``fit`` again resumes from the latest checkpoint in the checkpoint root (the workdir or
 ``train.checkpoint_dir``), after checking the config against the one saved there. On a pod every
 host runs ``fit`` with the same config (after :func:`jft.sharding.initialize_distributed`);
@@ -147,9 +148,15 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         params = partition.merge(state.trainable, state.frozen)
         return objective.validate(model, params, eval_step, val_rows, eval_sharding)
 
-    def generation_metrics(state) -> dict:
+    slices_file = workdir / "slices.json"
+
+    def generation_metrics(state, when: str) -> dict:
         params = partition.merge(state.trainable, state.frozen)
-        return objective.extra_eval(model, params, tokenizer, val_pairs)
+        out = objective.extra_eval(model, params, tokenizer, val_pairs)
+        slices = out.pop("slices", None)  # eval.slices: written apart, too big for the report
+        if slices and main:
+            _write_slices(slices_file, when, slices, cfg.eval)
+        return out
 
     # ------------------------------------------------------------------ Checkpoint
     meta = {"best_loss": None, "bad_evals": 0, "before": None}
@@ -162,7 +169,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         _log(main, f"resumed from step {resumed_from} ({ckpts.directory})")
     else:
         before = validate(state)
-        meta["before"] = {**before, **generation_metrics(state)}
+        meta["before"] = {**before, **generation_metrics(state, "before")}
         _log(main, f"before fine-tuning: {_fmt(meta['before'])}")
 
     def save(step, state, best=False):  # checkpoints are numbered by the loop's steps
@@ -229,7 +236,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         meta["best_loss"] = val["loss"]
         save(step, state, best=True)
     writer.scalars(step, {f"val_{k}": v for k, v in val.items()})
-    after = {**val, **generation_metrics(state)}
+    after = {**val, **generation_metrics(state, "after")}
     ckpts.close()
     writer.close()
     report = {
@@ -243,6 +250,8 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         "validation_data": str(val_stats),
         "workdir": str(workdir),
     }
+    if cfg.eval.slices and slices_file.exists():
+        report["slices"] = str(slices_file)
     params = sharding.to_host(partition.merge(state.trainable, state.frozen))  # all processes take part
     if main:  # merging and writing run on the host CPU: an accelerator may not hold the whole model
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
@@ -250,6 +259,10 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
             jeval.write_report(workdir / "report.json", report)
             _plot(workdir)
     _log(main, f"after fine-tuning: {_fmt(after)}")
+    if main and slices_file.exists() and cfg.eval.slices:
+        slices = json.loads(slices_file.read_text())
+        jeval.slice_plot(slices, workdir / "slices.png")
+        _log(main, jeval.slice_table(slices))
     return report
 
 
@@ -282,11 +295,16 @@ def evaluate(
     tokenizer = load_tokenizer(model_path)
     if tokenizer is None:
         raise ConfigError(f"{model_path} has no tokenizer; save one beside the model (save_hf(..., tokenizer=))")
-    pairs = _records(cfg)[1]
-    data = objective.rows(([], pairs), tokenizer, model.config.vocab_size)
+    train_pairs, pairs = _records(cfg)
+    # the training records only count tokens for the frequency slices (eval.slices)
+    data = objective.rows((train_pairs if cfg.eval.slices else [], pairs), tokenizer, model.config.vocab_size)
     eval_step = jax.jit(make_eval_step(objective.loss(model)))
     report = objective.validate(model, params, eval_step, data["validation"])
     report.update(objective.extra_eval(model, params, tokenizer, pairs))
+    slices = report.pop("slices", None)
+    if slices:  # beside the report: out.json -> out.slices.json
+        report["slices"] = str(jeval.write_report(Path(out).with_suffix(".slices.json"), slices))
+        print(jeval.slice_table(slices), flush=True)
     given = {"adapter": adapter, "reference": reference}
     report.update(model=str(model_path), data=data["validation_stats"], **{k: str(v) for k, v in given.items() if v})
     jeval.write_report(Path(out), report)
@@ -464,6 +482,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     for k, v in tree.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def _write_slices(path: Path, when: str, slices: dict, eval_cfg) -> None:
+    """workdir/slices.json: the slice reports ``before`` and ``after`` fine-tuning and, once both
+    are there, ``comparison``: the paired bootstrap of the loss change (a resumed run reads the
+    ``before`` written by the first call)."""
+    report = json.loads(path.read_text()) if when == "after" and path.exists() else {}
+    report[when] = slices
+    if report.get("before") and report.get("after"):
+        report["comparison"] = jeval.compare_losses(
+            report["before"], report["after"], eval_cfg.bootstrap_resamples, eval_cfg.seed
+        )
+    jeval.write_report(path, report)
 
 
 def _flush(pending: list, ckpt_dir, last_saved) -> dict:
