@@ -429,20 +429,6 @@ def filter_generations(
 # ---------------------------------------------------------------------------- evaluation
 
 
-def validation_metrics(cfg: ConfigDict, model, params, tokenizer, pairs) -> dict:
-    """The objective's validation report of a loaded model on ``(where, record)`` pairs (SFT: loss,
-    perplexity and ``eval.*`` generation metrics), as :func:`jft.train.evaluate` computes it."""
-    from jft.train.step import make_eval_step
-    from jft.train.trainer import _objective
-
-    objective = _objective(cfg)
-    rows = objective.rows(([], pairs), tokenizer, model.config.vocab_size)["validation"]
-    eval_step = jax.jit(make_eval_step(objective.loss(model)))
-    report = objective.validate(model, params, eval_step, rows)
-    report.update(objective.extra_eval(model, params, tokenizer, pairs))
-    return report
-
-
 def generation_speed(
     model, params, tokenizer, pairs, *, template, max_length: int, max_new_tokens: int, batch_size: int
 ) -> float | None:
@@ -484,7 +470,7 @@ def distill(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     rest of ``WORKDIR`` is what ``fit`` writes. Returns the report.
     """
     from jft.train import fit
-    from jft.train.trainer import _model, _objective, _records
+    from jft.train.trainer import _model, _objective, _records, score
 
     check(config)
     cfg, d = config, config.distill
@@ -570,7 +556,7 @@ def distill(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         "adapter": adapter,
         "quant": d.teacher_quant or None,
         "parameters": parameter_count(teacher_params),
-        "validation": validation_metrics(student_cfg, teacher, teacher_params, teacher_tok, val_pairs),
+        "validation": score(_objective(student_cfg), teacher, teacher_params, teacher_tok, val_pairs)[0],
     }
     speed = dict(
         template=template, max_length=max_prompt, max_new_tokens=d.max_new_tokens, batch_size=d.generate_batch_size
@@ -655,5 +641,4 @@ __all__ = [
     "read_prompts",
     "response_of",
     "table",
-    "validation_metrics",
 ]

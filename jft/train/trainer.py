@@ -297,18 +297,27 @@ def evaluate(
         raise ConfigError(f"{model_path} has no tokenizer; save one beside the model (save_hf(..., tokenizer=))")
     train_pairs, pairs = _records(cfg)
     # the training records only count tokens for the frequency slices (eval.slices)
-    data = objective.rows((train_pairs if cfg.eval.slices else [], pairs), tokenizer, model.config.vocab_size)
-    eval_step = jax.jit(make_eval_step(objective.loss(model)))
-    report = objective.validate(model, params, eval_step, data["validation"])
-    report.update(objective.extra_eval(model, params, tokenizer, pairs))
+    report, stats = score(objective, model, params, tokenizer, pairs, train_pairs if cfg.eval.slices else [])
     slices = report.pop("slices", None)
     if slices:  # beside the report: out.json -> out.slices.json
         report["slices"] = str(jeval.write_report(Path(out).with_suffix(".slices.json"), slices))
         print(jeval.slice_table(slices), flush=True)
     given = {"adapter": adapter, "reference": reference}
-    report.update(model=str(model_path), data=data["validation_stats"], **{k: str(v) for k, v in given.items() if v})
+    report.update(model=str(model_path), data=stats, **{k: str(v) for k, v in given.items() if v})
     jeval.write_report(Path(out), report)
     return report
+
+
+def score(objective: Objective, model, params, tokenizer, pairs, train_pairs=()) -> tuple[dict, str]:
+    """``(report, data stats)``: ``objective``'s validation report of ``params`` on the ``(where,
+    record)`` ``pairs`` (its rows, eval step, :meth:`~Objective.validate` and
+    :meth:`~Objective.extra_eval`), as ``jft eval`` computes it; ``train_pairs`` only feed the
+    statistics an objective takes from training data (SFT's token frequencies for the slices)."""
+    data = objective.rows((list(train_pairs), pairs), tokenizer, model.config.vocab_size)
+    eval_step = jax.jit(make_eval_step(objective.loss(model)))
+    report = objective.validate(model, params, eval_step, data["validation"])
+    report.update(objective.extra_eval(model, params, tokenizer, pairs))
+    return report, data["validation_stats"]
 
 
 # ---------------------------------------------------------------------------- pieces
