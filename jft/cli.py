@@ -68,7 +68,9 @@ def _eval(args, overrides) -> int:
     from jft.train import evaluate
 
     config = load_config(args.config, overrides)
-    report = evaluate(config, args.model, args.out, adapter=args.adapter, reference=args.reference)
+    report = evaluate(
+        config, args.model, args.out, adapter=args.adapter, reference=args.reference, baseline=args.baseline
+    )
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
     print(f"report: {args.out}")
     return 0
@@ -134,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
     ev.add_argument(
         "--reference", default=None, help="DPO configs: the reference policy's folder (the model training started from)"
+    )
+    ev.add_argument(
+        "--baseline",
+        default=None,
+        help="a second model folder scored on the same records: a paired bootstrap says whether the loss "
+        "difference is significant (writes OUT.slices.json and OUT.slices.png)",
     )
     ev.set_defaults(func=_eval)
 

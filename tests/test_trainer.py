@@ -291,11 +291,24 @@ def test_partial_config_on_a_hugging_face_folder_then_jft_eval(hf_model_dir, tmp
     assert not np.array_equal(trained[1], base[1])
     out = tmp_path / "eval.json"
     assert (
-        main(["eval", "--config", str(config), "--model", str(tmp_path / "run" / "hf"), "--out", str(out), *overrides])
+        main(
+            ["eval", "--config", str(config), "--model", str(tmp_path / "run" / "hf"), "--out", str(out), *overrides]
+            + ["--baseline", str(folder), "--config.eval.bootstrap_resamples=200"]
+        )
         == 0
     )
     report = json.loads(out.read_text())
     assert report["loss"] > 0 and report["perplexity"] == pytest.approx(np.exp(report["loss"]), rel=1e-6)
+    # --baseline: the base scored on the same records, the paired comparison of the two losses
+    c, base = report["comparison"], report["baseline"]
+    assert base["model"] == str(folder) and base["loss"] > 0
+    assert c["before"] == pytest.approx(base["loss"], rel=1e-4)
+    assert c["after"] == pytest.approx(report["loss"], rel=1e-4)
+    assert c["low"] <= c["difference"] <= c["high"] and 0 < c["p_value"] <= 1
+    slices = json.loads(out.with_suffix(".slices.json").read_text())
+    assert slices["comparison"] == c and set(slices) == {"before", "after", "comparison"}
+    assert out.with_suffix(".slices.png").is_file()
+    assert "paired bootstrap p =" in capsys.readouterr().out
     assert main(["train", "--config", str(config), "--workdir", str(tmp_path / "x"), "--config.optim.lr=1"]) == 2
     assert "unknown config key 'optim.lr'" in capsys.readouterr().err
 

@@ -15,6 +15,7 @@ process 0 writes the logs and exports.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -272,6 +273,7 @@ def evaluate(
     out: str | os.PathLike,
     adapter: str | None = None,
     reference: str | os.PathLike | None = None,
+    baseline: str | os.PathLike | None = None,
 ) -> dict:
     """Score a Hugging Face model folder (with a PEFT ``adapter`` folder on top, if given) on
     ``config``'s validation data; write a JSON report.
@@ -280,27 +282,50 @@ def evaluate(
     ``data.train`` that training used. Reports the objective's validation metrics (SFT: loss,
     perplexity and generation metrics; DPO: trl's ``rewards/*`` and ``logps/*``). ``reference``:
     a model folder the objective compares against (DPO's reference policy; with an ``adapter``
-    and no reference, the base without the adapter is the reference).
+    and no reference, the base without the adapter is the reference). ``baseline``: a second
+    model folder scored on the same records (``eval.slices`` on for both); the report's
+    ``comparison`` is the paired bootstrap of the loss change from the baseline to the model,
+    and ``out.slices.json`` holds both slice reports (``before`` = the baseline, ``after``).
     """
     check(config)
     cfg = config
+    if baseline and not cfg.eval.slices:
+        cfg = copy.deepcopy(config)
+        cfg.eval.slices = True  # the paired comparison needs each record's own loss
     objective = _objective(cfg)
     load = lambda path: load_hf(  # noqa: E731
         path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg), **objective.model_overrides
     )
-    model, params = load(model_path)
-    if adapter:
-        model, params = peft.load_adapter(model, params, adapter)
-    params = objective.add_reference(model, params, load(reference)[1] if reference else None)
-    tokenizer = load_tokenizer(model_path)
-    if tokenizer is None:
-        raise ConfigError(f"{model_path} has no tokenizer; save one beside the model (save_hf(..., tokenizer=))")
+    ref_params = load(reference)[1] if reference else None
     train_pairs, pairs = _records(cfg)
     # the training records only count tokens for the frequency slices (eval.slices)
-    report, stats = score(objective, model, params, tokenizer, pairs, train_pairs if cfg.eval.slices else [])
+    counted = train_pairs if cfg.eval.slices else []
+
+    def scored(path, adapter_path) -> tuple[dict, str]:
+        model, params = load(path)
+        if adapter_path:
+            model, params = peft.load_adapter(model, params, adapter_path)
+        params = objective.add_reference(model, params, ref_params)
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            raise ConfigError(f"{path} has no tokenizer; save one beside the model (save_hf(..., tokenizer=))")
+        return score(objective, model, params, tokenizer, pairs, counted)
+
+    report, stats = scored(model_path, adapter)
     slices = report.pop("slices", None)
-    if slices:  # beside the report: out.json -> out.slices.json
+    if baseline:
+        before, _ = scored(baseline, None)
+        if not slices or not before.get("slices"):
+            raise ConfigError(f"jft eval --baseline compares per-record losses, which task={cfg.task} does not report")
+        slices = {"before": before.pop("slices"), "after": slices}
+        slices["comparison"] = report["comparison"] = jeval.compare_losses(
+            slices["before"], slices["after"], cfg.eval.bootstrap_resamples, cfg.eval.seed
+        )
+        report["baseline"] = {"model": str(baseline), **before}
+    if slices:  # beside the report: out.json -> out.slices.json (and out.slices.png with a baseline)
         report["slices"] = str(jeval.write_report(Path(out).with_suffix(".slices.json"), slices))
+        if baseline:
+            jeval.slice_plot(slices, Path(out).with_suffix(".slices.png"))
         print(jeval.slice_table(slices), flush=True)
     given = {"adapter": adapter, "reference": reference}
     report.update(model=str(model_path), data=stats, **{k: str(v) for k, v in given.items() if v})
