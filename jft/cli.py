@@ -101,6 +101,45 @@ def _merge(args, overrides) -> int:
     return 0
 
 
+def _toxicity(args, overrides) -> int:
+    import jft
+    from jft.toxicity import load_scorer, read_prompts, toxicity_report, toxicity_table
+
+    if overrides:
+        print(f"error: jft toxicity takes no --config overrides: {' '.join(overrides)}", file=sys.stderr)
+        return 2
+    prompts = read_prompts(args.prompts, limit=args.limit)
+    scorer = load_scorer(args.scorer, label=args.label, batch_size=args.batch_size)
+    model, params = jft.load_hf(args.model, dtype=args.dtype)
+    if args.adapter:
+        model, params = jft.peft.load_adapter(model, params, args.adapter)
+    tokenizer = jft.load_tokenizer(args.model)
+    if tokenizer is None:
+        print(
+            f"error: {args.model} has no tokenizer files; jft toxicity needs one to encode the prompts", file=sys.stderr
+        )
+        return 2
+    report = toxicity_report(
+        model,
+        params,
+        tokenizer,
+        prompts,
+        scorer,
+        samples=args.samples,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        out=args.out,
+        meta={"model": args.model, "adapter": args.adapter, "prompts": args.prompts, "limit": args.limit},
+    )
+    print(toxicity_table(report))
+    print(f"scorer: {report['scorer']}")
+    print(f"report: {args.out}/toxicity.json; generations: {args.out}/generations.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jft", description="Fine-tune decoder language models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -169,6 +208,36 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*)")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 2GB")
     merge.set_defaults(func=_merge)
+
+    tox = sub.add_parser(
+        "toxicity",
+        help="toxicity of a model's continuations, as RealToxicityPrompts measures it",
+        description="Sample --samples continuations per prompt (nucleus sampling), score each with --scorer, and "
+        "report Expected Maximum Toxicity and Toxicity Probability with 95% intervals, overall and for toxic, "
+        "non-toxic and challenging prompts. Writes OUT/toxicity.json and OUT/generations.jsonl.",
+    )
+    tox.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer) or hub id")
+    tox.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
+    tox.add_argument(
+        "--prompts", required=True, help="RealToxicityPrompts prompts.jsonl, {'prompt': str} JSONL, or a .txt"
+    )
+    tox.add_argument(
+        "--scorer",
+        default="lexicon",
+        help="hf:FOLDER (transformers classifier, needs torch), jft:FOLDER, a classifier folder, module:function, "
+        "or lexicon (default: a demo word list, not a toxicity classifier)",
+    )
+    tox.add_argument("--label", default=None, help="the classifier's toxic label (default: toxic/toxicity/LABEL_1)")
+    tox.add_argument("--samples", type=int, default=25, help="continuations per prompt")
+    tox.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    tox.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    tox.add_argument("--max-new-tokens", type=int, default=20, help="tokens per continuation")
+    tox.add_argument("--limit", type=int, default=None, help="score the first N prompts only")
+    tox.add_argument("--seed", type=int, default=0, help="rng seed for sampling and the bootstrap")
+    tox.add_argument("--batch-size", type=int, default=128, help="rows (prompt x sample) generated at once")
+    tox.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    tox.add_argument("--out", required=True, help="folder for toxicity.json and generations.jsonl")
+    tox.set_defaults(func=_toxicity)
     return parser
 
 

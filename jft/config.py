@@ -8,9 +8,11 @@ lists the valid keys, and ml_collections refuses a value of the wrong type.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
@@ -260,6 +262,21 @@ def default_config() -> ConfigDict:
     # With PEFT, the adapter is always written to workdir/adapter (peft's format where one
     # exists); export.hf then writes the merged model when every method folds into the weights.
     return c
+
+
+def load_callable(name: str, what: str) -> Callable:
+    """The function a ``"module:function"`` name points at; ``what`` names it in errors
+    (e.g. "reward function")."""
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(f"{what} {name!r} is not 'module:function' (e.g. 'jft.rewards:chrf')")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{what} {name!r} cannot be loaded: {e}") from e
+    if not callable(fn):
+        raise ConfigError(f"{what} {name!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ConfigDict:

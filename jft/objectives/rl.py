@@ -14,7 +14,6 @@ advantages, its loss and its update (:mod:`jft.objectives.grpo`, :mod:`jft.objec
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import time
 import types
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import partition
-from jft.config import ConfigError
+from jft.config import ConfigError, load_callable
 from jft.losses import token_log_probs
 from jft.objectives.base import Objective, hidden_states, model_params
 from jft.objectives.dpo import reference_of
@@ -101,16 +100,7 @@ def completion_log_probs(
 def load_reward_function(name: str) -> Callable:
     """The function a ``"module:function"`` name points at (trl's convention:
     ``fn(prompts, completions, **columns) -> list[float]``)."""
-    module, sep, attr = name.partition(":")
-    if not sep or not module or not attr:
-        raise ConfigError(f"reward function {name!r} is not 'module:function' (e.g. 'jft.rewards:chrf')")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward function {name!r} cannot be loaded: {e}") from e
-    if not callable(fn):
-        raise ConfigError(f"reward function {name!r} is a {type(fn).__name__}, not a function")
-    return fn
+    return load_callable(name, "reward function")
 
 
 def call_reward_function(name: str, fn: Callable, n: int, **inputs) -> np.ndarray:
