@@ -140,6 +140,16 @@ def _toxicity(args, overrides) -> int:
     return 0
 
 
+def _plan(args, overrides) -> int:
+    from jft.config import load_config
+    from jft.plan import format_plan, plan
+
+    devices = [d for item in args.device or () for d in item.split(",") if d] or None
+    report = plan(load_config(args.config, overrides), args.size, devices, num_devices=args.num_devices)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_plan(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jft", description="Fine-tune decoder language models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -238,6 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
     tox.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
     tox.add_argument("--out", required=True, help="folder for toxicity.json and generations.jsonl")
     tox.set_defaults(func=_toxicity)
+
+    plan = sub.add_parser(
+        "plan",
+        help="the memory a config's training needs per device, and which devices it fits",
+        description="Plan a run's memory without loading weights or compiling: parameters (total, trainable) and, "
+        "per device of the config's mesh, weights, gradients, optimizer state and activations, against T4, A100, "
+        "H100 and TPU v5e / v4 / v5p. Shapes come from model.path's config.json or --size. Override fields with "
+        "--config.a.b=value, as for jft train.",
+    )
+    plan.add_argument("--config", required=True, help="a Python file with get_config(), e.g. configs/lora_llama.py")
+    plan.add_argument("--size", default=None, help="a known model's shapes instead of model.path's, e.g. llama-2-7b")
+    plan.add_argument(
+        "--device", action="append", help="check only this device (repeat, or comma-separate): T4, A100, H100, v5e, ..."
+    )
+    plan.add_argument("--num-devices", type=int, default=None, help="mesh devices (fills its -1 size; default 1)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_plan)
     return parser
 
 
