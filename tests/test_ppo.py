@@ -129,15 +129,15 @@ OVERRIDES = [
 
 def test_ppo_raises_the_mean_reward_and_a_preempted_run_resumes_exactly(tmp_path, preempt_and_resume):
     """A tiny new model, full fine-tuning (the reference a frozen copy), the toy reward, the KL
-    coefficient adapted towards a target: measured 0.28 -> 0.39 mean held-out reward in 20 steps
-    (0.44 with a fixed coefficient).
+    coefficient adapted towards a target: measured 0.28 -> 0.69 mean held-out reward in 20 steps
+    (kl_horizon 100: 0.37; its faster adaptation holds the policy closer to the start).
     The export is the policy alone. A SIGTERM during step 12 checkpoints (the KL coefficient too);
     the resumed run ends where the uninterrupted one ends."""
     import json
 
     from jft.train import fit
 
-    over = [*OVERRIDES, "ppo.kl_target=0.5", "ppo.kl_horizon=100.0"]
+    over = [*OVERRIDES, "ppo.kl_target=0.5", "ppo.kl_horizon=1000.0"]
     straight = fit(load_config(CONFIG, over), tmp_path / "straight")
     before, after = straight["before"], straight["after"]
     assert after["reward_mean"] > before["reward_mean"] + 0.1, (before, after)
