@@ -7,21 +7,34 @@ import json
 import sys
 
 
-def _generate(args, overrides) -> int:
-    import jax
-    import numpy as np
-
+def _load_model(args, command: str):
+    """``(model, params, tokenizer)`` of ``--model`` (``--dtype``) with ``--adapter`` on top."""
     import jft
+    from jft.config import ConfigError
 
     model, params = jft.load_hf(args.model, dtype=args.dtype)
     if args.adapter:
         model, params = jft.peft.load_adapter(model, params, args.adapter)
     tokenizer = jft.load_tokenizer(args.model)
     if tokenizer is None:
-        print(
-            f"error: {args.model} has no tokenizer files; jft generate needs one to encode the prompt", file=sys.stderr
-        )
-        return 2
+        raise ConfigError(f"{args.model} has no tokenizer files; {command} needs one to encode the prompts")
+    return model, params, tokenizer
+
+
+def _model_flags(parser) -> None:
+    """``--model``, ``--adapter`` and ``--dtype``, as :func:`_load_model` reads them."""
+    parser.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer) or hub id")
+    parser.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
+    parser.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+
+
+def _generate(args, overrides) -> int:
+    import jax
+    import numpy as np
+
+    import jft
+
+    model, params, tokenizer = _load_model(args, "jft generate")
     prompts = args.prompt
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -102,7 +115,6 @@ def _merge(args, overrides) -> int:
 
 
 def _toxicity(args, overrides) -> int:
-    import jft
     from jft.toxicity import load_scorer, read_prompts, toxicity_report, toxicity_table
 
     if overrides:
@@ -110,15 +122,7 @@ def _toxicity(args, overrides) -> int:
         return 2
     prompts = read_prompts(args.prompts, limit=args.limit)
     scorer = load_scorer(args.scorer, label=args.label, batch_size=args.batch_size)
-    model, params = jft.load_hf(args.model, dtype=args.dtype)
-    if args.adapter:
-        model, params = jft.peft.load_adapter(model, params, args.adapter)
-    tokenizer = jft.load_tokenizer(args.model)
-    if tokenizer is None:
-        print(
-            f"error: {args.model} has no tokenizer files; jft toxicity needs one to encode the prompts", file=sys.stderr
-        )
-        return 2
+    model, params, tokenizer = _load_model(args, "jft toxicity")
     report = toxicity_report(
         model,
         params,
@@ -154,15 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jft", description="Fine-tune decoder language models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     gen = sub.add_parser("generate", help="continue prompts with a Hugging Face model folder")
-    gen.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer) or hub id")
+    _model_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     gen.add_argument("--seed", type=int, default=0, help="rng seed for sampling")
-    gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
-    gen.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
     gen.set_defaults(func=_generate)
 
     train = sub.add_parser(
@@ -226,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report Expected Maximum Toxicity and Toxicity Probability with 95% intervals, overall and for toxic, "
         "non-toxic and challenging prompts. Writes OUT/toxicity.json and OUT/generations.jsonl.",
     )
-    tox.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer) or hub id")
-    tox.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply (peft's or jft's format)")
+    _model_flags(tox)
     tox.add_argument(
         "--prompts", required=True, help="RealToxicityPrompts prompts.jsonl, {'prompt': str} JSONL, or a .txt"
     )
@@ -245,7 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     tox.add_argument("--limit", type=int, default=None, help="score the first N prompts only")
     tox.add_argument("--seed", type=int, default=0, help="rng seed for sampling and the bootstrap")
     tox.add_argument("--batch-size", type=int, default=128, help="rows (prompt x sample) generated at once")
-    tox.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
     tox.add_argument("--out", required=True, help="folder for toxicity.json and generations.jsonl")
     tox.set_defaults(func=_toxicity)
 
