@@ -1,13 +1,14 @@
 """Run configuration: one schema, Python config files, ``--config.a.b=value`` overrides.
 
 A config file defines ``get_config()`` returning the :func:`default_config` with some fields
-changed. The schema is locked: an unknown key, in a file or an override, is an error that
+changed. The schema is locked: an unknown key, in a file or an override, is an error that names the likeliest key and
 lists the valid keys, and ml_collections refuses a value of the wrong type.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import importlib.util
 import json
@@ -303,7 +304,7 @@ def check(cfg: ConfigDict, where: str = "config", values: bool = True) -> None:
     ours, schema = _keys(cfg), _keys(default_config())
     unknown, missing = sorted(ours - schema), sorted(schema - ours)
     if unknown:
-        raise ConfigError(f"{where}: unknown config keys {unknown}; valid keys: {sorted(schema)}")
+        raise ConfigError(f"{where}: {_unknown(unknown, schema)}")
     if missing:
         raise ConfigError(f"{where}: missing config keys {missing}; start from jft.config.default_config()")
     if values:
@@ -355,6 +356,23 @@ def resolve_compute_dtype(cfg: ConfigDict) -> str:
     return dtype or cfg.model.dtype
 
 
+def _unknown(keys: list[str], valid: set[str]) -> str:
+    """The error text for unknown keys: each with the likeliest valid key, then all of them."""
+    hints = []
+    for key in keys:
+        section, _, leaf = key.rpartition(".")
+        same_leaf = [k for k in valid if k.rpartition(".")[2] == leaf]  # right name, wrong section
+        initials = [  # an abbreviation: optim.lr -> optim.learning_rate
+            k
+            for k in valid
+            if k.rpartition(".")[0] == section and "".join(w[0] for w in k.rpartition(".")[2].split("_")) == leaf
+        ]
+        close = sorted(same_leaf) or sorted(initials) or difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.8)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    label = "unknown config key" if len(keys) == 1 else "unknown config keys"
+    return f"{label} {', '.join(hints)}; valid keys: {sorted(valid)}"
+
+
 def override(cfg: ConfigDict, item: str) -> None:
     """Apply one ``a.b=value`` override (value parsed as a Python literal unless the field is a string)."""
     if "=" not in item:
@@ -365,10 +383,10 @@ def override(cfg: ConfigDict, item: str) -> None:
     node = cfg
     for part in parents:
         if part not in node or not isinstance(node[part], ConfigDict):
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(_keys(cfg))}")
+            raise ConfigError(_unknown([key], _keys(cfg)))
         node = node[part]
     if leaf not in node or isinstance(node[leaf], ConfigDict):
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {sorted(_keys(cfg))}")
+        raise ConfigError(_unknown([key], _keys(cfg)))
     old = node[leaf]
     if isinstance(old, str):
         value = raw

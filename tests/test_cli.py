@@ -16,6 +16,15 @@ def test_help_lists_the_commands():
     assert "generate" in out.stdout
 
 
+def test_a_machine_without_torch_sees_no_transformers_notice():
+    # torch is only a test dependency: block it, as on a user's machine without it
+    code = "import sys; sys.modules['torch'] = None; import jft, transformers; transformers.AutoConfig"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "PyTorch was not found" not in out.stderr + out.stdout
+    unfiltered = subprocess.run([sys.executable, "-c", code.replace("jft, ", "")], capture_output=True, text=True)
+    assert "PyTorch was not found" in unfiltered.stderr  # the test would see the notice if jft did not drop it
+
+
 def test_generate_prints_the_continuations(hf_model_dir, tmp_path, capsys):
     folder = tmp_path / "m"
     shutil.copytree(hf_model_dir("llama_gqa"), folder)

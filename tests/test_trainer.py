@@ -252,10 +252,19 @@ def test_bad_input_fails_before_writing(tmp_path):
 def test_unknown_config_key_lists_valid_keys(tmp_path):
     file = tmp_path / "c.py"
     file.write_text("from jft.config import default_config\ndef get_config():\n    return default_config()\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lr'; valid keys: .*optim\.learning_rate"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'optim\.lr' \(did you mean 'optim\.learning_rate'\?\); valid keys: "
+    ):
         load_config(file, ["optim.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"'train\.learning_rate' \(did you mean 'optim\.learning_rate'\?\)"):
+        load_config(file, ["train.learning_rate=1e-3"])  # the right name in the wrong section
     with pytest.raises(ConfigError, match="expected int"):
         load_config(file, ["train.epochs=1.5"])
+    file.write_text(
+        file.read_text().replace("return default_config()", "c = default_config(); c.model.dtyp = 1; return c")
+    )
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.dtyp' \(did you mean 'model\.dtype'\?\)"):
+        load_config(file)  # a misspelt key in the file itself
 
 
 def test_partial_config_on_a_hugging_face_folder_then_jft_eval(hf_model_dir, tmp_path, capsys):
