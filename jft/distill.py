@@ -35,6 +35,7 @@ from jft.config import ConfigDict, ConfigError, check, resolve_compute_dtype
 from jft.data.formats import DataError
 from jft.data.prompts import PromptStats, prompt_tokens
 from jft.hf import CheckpointError, load_hf, load_tokenizer, resolve
+from jft.safetensors_io import atomic_write
 from jft.train.trainer import TrainingError
 
 # what WORKDIR/distill holds
@@ -420,9 +421,7 @@ def filter_generations(
             kept.append(json.dumps(row["record"], ensure_ascii=False) + "\n")
             continue
         counts[reason] += 1
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
     return {"generated": len(rows), "kept": len(kept), "dropped": counts}
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jft.safetensors_io import atomic_write
+
 # Beyond this a loss means "untrained or diverged"; exp() of it would overflow float64 near 709.
 _MAX_LOG_PERPLEXITY = 100.0
 
@@ -295,15 +297,8 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(report), f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    body = json.dumps(_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
     return path
 
 

@@ -16,16 +16,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jft import quant as jft_quant
+from jft import safetensors_io as sio
 from jft import sharding as jft_sharding
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.models.peft_spec import LAYER_LINEARS
 from jft.quant import QuantizedWeight, dequantize
+from jft.safetensors_io import CheckpointError
+from jft.safetensors_io import atomic_write as _atomic  # noqa: F401 - jft.peft.hf_format imports it from here
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 _ARCHITECTURES = {
@@ -35,15 +37,10 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_DTYPES = sio.FLOAT_DTYPES
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A model folder or file that jft cannot read, with what to do about it."""
 
 
 # ---------------------------------------------------------------------------- config
@@ -261,19 +258,32 @@ def resolve(path: str | os.PathLike) -> Path:
         ) from e
 
 
+def read_config_json(folder: Path) -> dict:
+    """The ``config.json`` of a model folder as a dict. Raises :class:`CheckpointError` naming the
+    file when it is missing, unreadable, not JSON or not a JSON object."""
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; a Hugging Face model folder needs its config.json")
+    try:
+        hf = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e}); restore the file from the model's source") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(
+            f"{file}: expected a JSON object of model settings, got {type(hf).__name__}; "
+            "restore the file from the model's source"
+        )
+    return hf
+
+
 def read_config(folder: Path, **overrides) -> LlamaConfig:
     """Read ``config.json`` (and EOS ids from ``generation_config.json``) of a model folder.
 
     Parameters default to the checkpoint's stored dtype (float32 when it names none) and
     compute defaults to the parameter dtype; ``overrides`` set any :class:`LlamaConfig` field.
     """
+    hf = read_config_json(folder)
     file = folder / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing; a Hugging Face model folder needs its config.json")
-    try:
-        hf = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: unreadable ({e}); restore the file from the model's source") from e
     gen = folder / "generation_config.json"
     if gen.is_file() and "eos_token_id" not in overrides:
         with contextlib.suppress(OSError, json.JSONDecodeError):
@@ -286,34 +296,6 @@ def read_config(folder: Path, **overrides) -> LlamaConfig:
     if overrides.get("dtype") is None:
         overrides["dtype"] = overrides["param_dtype"]
     return config_from_hf(hf, str(file), **overrides)
-
-
-def _weight_map(folder: Path) -> dict[str, Path]:
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable or without 'weight_map' ({e})") from e
-        files = {name: folder / f for name, f in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise CheckpointError(f"{index} names shard {f.name}, which is missing; download it again")
-        return files
-    if single.is_file():
-        try:
-            with safe_open(single, framework="numpy") as f:
-                return {name: single for name in f.keys()}
-        except Exception as e:  # safetensors' own error type: a truncated or corrupt file
-            raise CheckpointError(f"{single}: not a readable safetensors file ({e}); download or save it again") from e
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{folder}: only pickle checkpoints ({', '.join(pickles)}); jft never unpickles. Convert once with "
-            "transformers: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)"
-        )
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
 def load_hf(
@@ -359,7 +341,7 @@ def load_hf(
     model = LlamaForCausalLM(cfg)
     quantized = _quantized_modules(quantize, quantize_skip)
     shardings = None if mesh is None else jft_sharding.param_shardings(model, mesh, rules)
-    files = _weight_map(folder)
+    files = sio.weight_map(folder)
     used = set()
     params: dict = {}
     fused = _fused_expert_names(files, cfg)  # Mixtral experts stored as stacked tensors
@@ -476,17 +458,6 @@ def load_tokenizer(path: str | os.PathLike):
 # ---------------------------------------------------------------------------- save
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, re.I)
-    if not m:
-        raise ValueError(f"max_shard_size {size!r}: use bytes or e.g. '5GB', '500MB'")
-    unit = m.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(m.group(1)) * base ** {"K": 1, "M": 2, "G": 3}[unit[0]])
-
-
 def save_hf(
     model: LlamaForCausalLM,
     params: dict,
@@ -519,17 +490,11 @@ def save_hf(
             shape = getattr(leaf, "full_shape", leaf.shape)
             nbytes = int(np.prod(shape[lead:])) * np.dtype(np_dtype).itemsize
             plan.append((name, path_, i if stacked else None, nbytes))
-    limit = _parse_size(max_shard_size)
-    shards: list[list] = [[]]
-    size = 0
-    for entry in plan:
-        if shards[-1] and size + entry[3] > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry[3]
+    shards = [
+        [plan[i] for i in shard] for shard in sio.plan_shards([e[3] for e in plan], sio.parse_size(max_shard_size))
+    ]
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = sio.shard_names(n)
     lookup = dict(leaves)
     for fname, shard in zip(names, shards, strict=True):
         tensors = {}
@@ -542,24 +507,17 @@ def save_hf(
                 value = dequantize(value, jnp.float32)
             array = np.asarray(jax.device_get(value)).astype(np_dtype)
             tensors[name] = np.ascontiguousarray(array.T if path_[-1] == "kernel" else array)
-        _atomic(out / fname, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        sio.atomic_write(out / fname, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
         del tensors
-    index = out / "model.safetensors.index.json"
+    index = out / sio.INDEX
     if n > 1:
         weight_map = {e[0]: f for f, shard in zip(names, shards, strict=True) for e in shard}
-        body = {"metadata": {"total_size": sum(e[3] for e in plan)}, "weight_map": weight_map}
-        _atomic(index, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
+        sio.write_index(out, weight_map, sum(e[3] for e in plan))
     for stale in out.glob("model*.safetensors*"):
         if stale.name not in names and not (n > 1 and stale == index):
             stale.unlink()
     body = json.dumps(config_to_hf(cfg, dtype), indent=2)
-    _atomic(out / "config.json", lambda tmp: Path(tmp).write_text(body))
+    sio.atomic_write(out / "config.json", lambda tmp: tmp.write_text(body))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, target)

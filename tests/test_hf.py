@@ -193,6 +193,12 @@ def test_unreadable_config(hf_model_dir, tmp_path):
         jft.load_hf(folder)
 
 
+def test_config_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object of model settings, got list"):
+        jft.hf.read_config(tmp_path)
+
+
 def test_unsupported_model_type_lists_supported(hf_model_dir, tmp_path):
     folder = _copy(hf_model_dir, tmp_path)
     cfg = json.loads((folder / "config.json").read_text())

@@ -60,6 +60,15 @@ def cases(m):
             parameters=dict(t=[dict(filter="mlp", value=[0, 0.5, 1]), dict(value=0.3)]),
         ),
         "model_stock": dict(base_model=m["base"], models=each(lambda k: {})),
+        # density 1 prunes nothing, so della is deterministic: TIES consensus and normalising on full task vectors
+        "della_dense": dict(base_model=m["base"], models=each(lambda k: dict(weight=[0.2, 1.0, 0.6][k], density=1.0))),
+        "nuslerp": dict(base_model=m["base"], models=each(lambda k: dict(weight=[0.3, 0.8][k]), 2)),
+        "nuslerp_rows": dict(
+            models=each(lambda k: dict(weight=[1.0, [0.2, 0.9]][k]), 2),
+            parameters=dict(nuslerp_flatten=False, nuslerp_row_wise=True),
+        ),
+        "karcher": dict(base_model=m["base"], models=each(lambda k: {}, 2)),  # the base is one of the means
+        "sce_topk": dict(base_model=m["base"], models=each(lambda k: {}), parameters=dict(select_topk=0.5)),
         "passthrough": dict(
             slices=[
                 dict(sources=[dict(model=m["base"], layer_range=[0, 3])]),
@@ -90,7 +99,7 @@ def test_every_deterministic_method_matches_mergekit(models, tmp_path, name):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    method = name.split("_gradients")[0].replace("_slices", "")
+    method = re.sub(r"_(gradients_filters|slices|dense|rows|topk)$", "", name)
     config = dict(merge_method=method, dtype="float32", **cases(models)[name])
     merge.merge_folders(config, tmp_path / "jft")
     options = MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False)
@@ -106,11 +115,13 @@ def test_every_deterministic_method_matches_mergekit(models, tmp_path, name):
     assert jft.hf.read_config(tmp_path / "jft").num_hidden_layers == layers
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_defaults_rescale_to_the_l1_norm_and_do_not_normalize_as_in_mergekit(models, tmp_path, method):
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della_linear"])
+def test_dare_and_della_defaults_rescale_to_the_l1_norm_and_do_not_normalize_as_in_mergekit(models, tmp_path, method):
     """Below density 1 the random drops differ between the tools, so both outputs are checked for
     mergekit's law with the defaults (rescale on, to the task vector's L1 norm rather than by
-    1 / density; normalize off): out - base = w * (d * mask) * |d|_1 / |d * mask|_1."""
+    1 / density; normalize off): out - base = w * (d * mask) * |d|_1 / |d * mask|_1. DELLA keeps an
+    entry with probability density -+ epsilon by its magnitude rank in its row: both tools keep the
+    smallest and the largest entries at the rates jft's probabilities give."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -128,14 +139,21 @@ def test_dare_defaults_rescale_to_the_l1_norm_and_do_not_normalize_as_in_mergeki
     base, tuned = load_file(f"{models['base']}/model.safetensors"), load_file(f"{models['m0']}/model.safetensors")
     for tool in ("jft", "mergekit"):
         out = load_file(tmp_path / tool / "model.safetensors")
-        kept = 0
+        kept, bands = 0, np.zeros((2, 3))  # [smallest, largest] x [kept, entries, summed probability]
         for key, b in base.items():
             d, mixed = tuned[key].astype(np.float64) - b, out[key].astype(np.float64) - b
             mask = mixed != 0
             kept += mask.sum()
             scale = np.abs(d).sum() / np.abs(d[mask]).sum()
             np.testing.assert_allclose(mixed[mask], weight * scale * d[mask], rtol=1e-4, atol=1e-6, err_msg=tool + key)
+            if method.startswith("della"):
+                p = np.asarray(merge.magprune_probabilities(d.astype(np.float32), density, 0.15))
+                for band, sel in enumerate((p < density - 0.1, p > density + 0.1)):
+                    bands[band] += mask[sel].sum(), sel.sum(), p[sel].sum()
         assert abs(kept / sum(b.size for b in base.values()) - density) < 0.01, tool
+        if method.startswith("della"):
+            rate, expected = bands[:, 0] / bands[:, 1], bands[:, 2] / bands[:, 1]  # ~0.39 and ~0.61
+            np.testing.assert_allclose(rate, expected, atol=0.02, err_msg=tool)
 
 
 def test_linear_normalizes_by_the_sum_of_weights():
@@ -176,6 +194,33 @@ def test_dare_is_unbiased_in_expectation_and_reproducible():
         base, [delta], [1.0], [0.3], sparsification="random", rescale=True, rng=jax.random.key(0)
     )
     np.testing.assert_array_equal(again, draws[0])
+
+
+def test_della_keeps_by_magnitude_rank_in_expectation_rescales_and_is_reproducible():
+    delta = np.random.RandomState(0).randn(2, 50).astype(np.float32)
+    p = np.asarray(merge.magprune_probabilities(delta, 0.5, 0.2))
+    for row, probs in zip(np.abs(delta), p, strict=True):  # 0.3 for the smallest |d| of a row, 0.7 for the largest
+        np.testing.assert_allclose(probs[np.argsort(row)], np.linspace(0.3, 0.7, 50), rtol=1e-6)
+    draws = [np.asarray(merge.sparsify(delta, 0.5, "magprune", rng=jax.random.key(s), epsilon=0.2)) for s in range(400)]
+    np.testing.assert_allclose(np.mean([d != 0 for d in draws], axis=0), p, atol=0.1)  # 4 standard errors
+    rescaled = merge.sparsify(delta, 0.5, "magprune", rescale=True, rng=jax.random.key(0), epsilon=0.2)
+    np.testing.assert_allclose(np.abs(rescaled).sum(), np.abs(delta).sum(), rtol=1e-5)  # L1 rescale
+    np.testing.assert_array_equal(merge.sparsify(delta, 0.5, "magprune", rng=jax.random.key(0), epsilon=0.2), draws[0])
+    np.testing.assert_array_equal(merge.sparsify(delta, 1.0, "magprune"), delta)  # density 1: nothing pruned
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+        merge.sparsify(delta, 0.9, "magprune", rng=jax.random.key(0), epsilon=0.15)
+
+
+def test_karcher_mean_of_directions_times_the_mean_norm_and_nuslerp_as_slerp():
+    a, b = np.array([1.0, 0.0], np.float32), np.array([0.0, 3.0], np.float32)
+    np.testing.assert_allclose(merge.karcher([a, b]), [np.sqrt(2), np.sqrt(2)], rtol=1e-5)  # 45 degrees, norm 2
+    np.testing.assert_allclose(merge.karcher([a, 3 * a]), [2.0, 0.0], rtol=1e-6)  # one direction
+    np.testing.assert_allclose(merge.karcher([np.zeros(2, np.float32)] * 2), [0.0, 0.0])
+    x, y = np.random.RandomState(0).randn(2, 3, 4).astype(np.float32)
+    np.testing.assert_allclose(merge.nuslerp(0.3, x, y), merge.slerp(0.3, x, y), rtol=1e-5, atol=1e-6)
+    rows = np.asarray(merge.nuslerp(0.3, x, y, flatten=False))
+    for i in range(3):  # per row, each row its own angle
+        np.testing.assert_allclose(rows[i], merge.slerp(0.3, x[i], y[i]), rtol=1e-5, atol=1e-6)
 
 
 def test_breadcrumbs_drops_the_largest_and_the_smallest():
@@ -301,6 +346,13 @@ def test_bad_configs_fail_with_clear_errors(models, tmp_path):
             slices=[dict(sources=[dict(model=models["m0"], layer_range=[0, 4], parameters=dict(weight=1.0))])],
         ),
         "unknown key(s) ['layers']": {**good, "models": [dict(model=models["m0"], layers=2)]},
+        "tokenizer_source: union is not supported": {**good, "tokenizer_source": "union"},
+        "merge_method della, tensor 'model.embed_tokens.weight': magprune: density 0.9 +- epsilon 0.15": {
+            **good,
+            "merge_method": "della",
+            "models": [dict(model=models["m0"], parameters=dict(weight=1.0, density=0.9))],
+        },
+        "nuslerp merges exactly two models": {**good, "merge_method": "nuslerp"},
     }
     for expected, config in bad.items():
         with pytest.raises(merge.MergeError, match=re.escape(expected)):
@@ -334,6 +386,39 @@ def test_bad_configs_fail_with_clear_errors(models, tmp_path):
         merge.merge_folders(
             {**good, "models": [dict(model=str(tmp_path / "wide"), parameters=dict(weight=1.0))]}, tmp_path / "x"
         )
+
+
+def test_input_without_a_readable_config_json_is_a_checkpoint_error(models, tmp_path):
+    good = dict(merge_method="linear", models=[dict(model=models["m0"], parameters=dict(weight=1.0))])
+    shutil.copytree(models["m1"], tmp_path / "m")
+    config = {**good, "models": [*good["models"], dict(model=str(tmp_path / "m"), parameters=dict(weight=1.0))]}
+    for text, expected in ((None, "missing"), ("{not json", "unreadable"), ("[1, 2]", "expected a JSON object")):
+        file = tmp_path / "m" / "config.json"
+        file.unlink(missing_ok=True)
+        if text is not None:
+            file.write_text(text)
+        with pytest.raises(jft.hf.CheckpointError, match=re.escape(f"{file}: {expected}")):
+            merge.merge_folders(config, tmp_path / "never")
+        with pytest.raises(jft.hf.CheckpointError, match=re.escape(f"{file}: {expected}")):
+            merge.merge_moe(
+                dict(base_model=str(tmp_path / "m"), experts=[dict(source_model=models["m0"])] * 2, gate_mode="random"),
+                tmp_path / "never",
+            )
+    assert not (tmp_path / "never").exists()
+
+
+def test_merge_config_from_a_file_or_yaml_text(tmp_path):
+    text = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n"
+    (tmp_path / "merge.yaml").write_text(text)
+    expected = dict(merge_method="linear", models=[dict(model="a", parameters=dict(weight=1.0))])
+    assert merge.load_merge_config(tmp_path / "merge.yaml") == expected
+    assert merge.load_merge_config(str(tmp_path / "merge.yaml")) == expected
+    assert merge.load_merge_config(text) == expected
+    assert merge.load_merge_config("{merge_method: linear}") == dict(merge_method="linear")  # one line, not a file
+    with pytest.raises(merge.MergeError, match="no such file, and not YAML text"):
+        merge.load_merge_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(merge.MergeError, match="not valid YAML"):
+        merge.load_merge_config("merge_method: [linear\n")
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from jft.models.peft_spec import Peft
 from jft.objectives.base import REFERENCE, Objective, hidden_states, model_params, per_weight
 from jft.objectives.preference_losses import REFERENCE_FREE, preference_loss
 from jft.objectives.sft import head
+from jft.safetensors_io import atomic_write
 
 
 def response_log_probs(model: Any, params: Mapping, batch: Mapping, rng=None) -> tuple[jax.Array, ...]:
@@ -161,9 +162,7 @@ class DPO(Objective):
                 split: reference_log_probs(score, params, data[split], self.cfg.train.batch_size) for split in sizes
             }
             if jax.process_index() == 0:
-                tmp = file.with_name(".reference_logps.tmp.npz")
-                np.savez(tmp, **saved)
-                tmp.replace(file)
+                atomic_write(file, lambda tmp: np.savez(tmp, **saved))
         out = dict(data)
         for split in sizes:
             out[split] = [{**row, "ref_logps": ref} for row, ref in zip(data[split], saved[split], strict=True)]

@@ -35,6 +35,7 @@ from jft.hf import load_hf, load_tokenizer
 from jft.models import attention as attention_lib
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.objectives import TASKS, Objective
+from jft.safetensors_io import atomic_write
 from jft.train.checkpoint import Checkpoints
 from jft.train.optim import optimizer_from_config
 from jft.train.state import TrainState
@@ -111,8 +112,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         ckpts.close()
         raise
     if main and not (workdir / "tokenizer").is_dir():  # renamed into place: never seen half-written
-        tokenizer.save_pretrained(workdir / ".tokenizer.tmp")
-        os.replace(workdir / ".tokenizer.tmp", workdir / "tokenizer")
+        atomic_write(workdir / "tokenizer", tokenizer.save_pretrained)
     prepared = objective.prepare_rows(model, params, data, workdir)  # after the checks: it may write there
     if prepared is not data:
         train_rows, val_rows = prepared["train"], prepared["validation"]
@@ -501,9 +501,7 @@ def _check_resume(cfg, workdir: Path, ckpts: Checkpoints) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         root.mkdir(parents=True, exist_ok=True)
         for file in {epath.Path(workdir).absolute() / "config.json", saved}:  # one file when root is the workdir
-            tmp = file.with_name(".config.json.tmp")  # renamed into place: never seen half-written
-            tmp.write_text(json.dumps(new, indent=2))
-            tmp.replace(file)
+            atomic_write(file, lambda tmp: tmp.write_text(json.dumps(new, indent=2)))  # never seen half-written
 
 
 def _resolved_compute_dtype(flat: dict) -> str:
