@@ -118,7 +118,7 @@ def default_config() -> ConfigDict:
     c.peft.lora = ConfigDict()
     c.peft.lora.r = 8  # rank
     c.peft.lora.alpha = 16.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
-    c.peft.lora.targets = ("all-linear",)  # module names (q_proj, mlp.up_proj, lm_head, ...) or all-linear
+    c.peft.lora.targets = ("all-linear",)  # module names (q_proj, mlp.up_proj, lm_head, experts w1/w2/w3) or all-linear
     c.peft.lora.target_regex = ""  # instead of targets: a regex over full names (model.layers.0.self_attn.q_proj)
     c.peft.lora.dropout = 0.0  # dropout on the LoRA input while training
     c.peft.lora.rslora = False  # rank-stabilised scale alpha / sqrt(r)

@@ -117,7 +117,7 @@ def test_training_changes_only_the_method_leaves_and_lowers_the_loss(base, name)
 def test_merge_equals_unmerged(base, name):
     model, params = peft.inject(*base, METHODS[name], jax.random.key(1))
     params = perturb(params, peft.labels(params, model.peft))
-    merged_model, merged = peft.merge(model, params)
+    merged_model, merged = peft.fold(model, params)
     x = ids(3)
     np.testing.assert_allclose(
         merged_model.apply({"params": merged}, x), model.apply({"params": params}, x), atol=1e-5, rtol=0
@@ -254,3 +254,87 @@ def test_attach_rejects_a_mismatched_adapter(base):
     adapter["model"]["layers"]["self_attn"]["q_proj"]["lora_a"] = np.zeros((2, 5, 4), np.float32)
     with pytest.raises(ValueError, match="q_proj/lora_a' has shape \\(2, 5, 4\\)"):
         peft.attach(*base, model.peft, adapter)
+
+
+MOE = dataclasses.replace(CFG, num_local_experts=4, num_experts_per_tok=2)
+EXPERT_LORA = peft.Peft(lora=peft.Lora(r=2, alpha=4.0, targets=("q_proj", "w1", "w2", "w3")))
+
+
+@pytest.fixture(scope="module")
+def moe_base():
+    model = jft.LlamaForCausalLM(MOE)
+    return model, jax.tree.map(lambda x: 5 * x if x.ndim >= 2 else x, model.init_params(jax.random.key(0)))
+
+
+def test_lora_on_mixtral_experts_trains_and_folds(moe_base, tmp_path):
+    """LoRA on the stacked experts: per-expert A and B, zero at the start, gradients on every
+    expert's factors, folded into the expert kernels with the same logits, saved in peft's format
+    (jft's own, with a warning, when peft cannot hold it: dropout) and read back."""
+    model, params = peft.inject(*moe_base, EXPERT_LORA, jax.random.key(1))
+    experts = params["model"]["layers"]["block_sparse_moe"]["experts"]
+    assert experts["w1"]["lora_a"].shape == (2, 4, 32, 2) and experts["w2"]["lora_b"].shape == (2, 4, 2, 32)
+    x, apply = ids(9), jax.jit(model.apply)
+    base_logits = jax.jit(moe_base[0].apply)({"params": moe_base[1]}, x)
+    np.testing.assert_allclose(apply({"params": params}, x), base_logits, atol=2e-6)
+    labels = peft.labels(params, model.peft)
+    rng = np.random.default_rng(0)
+    for path, leaf in tree.walk(peft.adapter_of(params, model.peft)):
+        tree.set_path(params, path, leaf + 0.1 * rng.standard_normal(leaf.shape, np.float32))
+    trainable, frozen = jft.partition.split(params, labels)
+    g = rng.standard_normal((*x.shape, CFG.vocab_size), np.float32)
+    grads = jax.jit(jax.grad(lambda t: jnp.sum(model.apply({"params": jft.partition.merge(t, frozen)}, x) * g)))
+    grads = grads(trainable)["model"]["layers"]["block_sparse_moe"]["experts"]
+    for name in ("w1", "w2", "w3"):
+        for leaf in ("lora_a", "lora_b"):
+            per_expert = np.abs(np.asarray(grads[name][leaf])).sum(axis=(0, 2, 3))
+            assert np.all(per_expert > 0), (name, leaf, per_expert)
+    logits = apply({"params": params}, x)
+    folded_model, folded = peft.fold(model, params)
+    assert folded_model.peft.methods == ()
+    assert jax.tree.structure(folded) == jax.tree.structure(folded_model.param_shapes())
+    np.testing.assert_allclose(jax.jit(folded_model.apply)({"params": folded}, x), logits, atol=1e-4, rtol=1e-5)
+    peft.save_adapter(model, params, tmp_path / "peft")  # peft's format: LoRA on the fused expert tensors
+    loaded_model, loaded = peft.load_adapter(*moe_base, tmp_path / "peft")
+    # peft's gate_up has one A: w1 and w3 come back sharing A [in, 4], B block-diagonal (same function)
+    assert loaded_model.peft.linear("block_sparse_moe.experts.w1").r == 4
+    np.testing.assert_allclose(jax.jit(loaded_model.apply)({"params": loaded}, x), logits, atol=1e-5)
+    dropout = dataclasses.replace(model.peft, lora=dataclasses.replace(model.peft.lora, dropout=0.1))
+    with pytest.warns(UserWarning, match="no dropout"):  # peft's expert LoRA has none: jft's own format
+        peft.save_adapter(type(model)(model.config, dropout), params, tmp_path / "jft")
+    loaded_model, loaded = peft.load_adapter(*moe_base, tmp_path / "jft")
+    assert loaded_model.peft == dropout
+    np.testing.assert_allclose(apply({"params": loaded}, x), logits, atol=1e-6)  # without a dropout rng
+
+
+def test_expert_targets_need_experts():
+    assert jft.LlamaForCausalLM(MOE, peft.Peft(lora=peft.Lora())).peft.lora.targets == (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+    )  # all-linear: the linear modules, not the stacked experts (as peft's all-linear)
+    with pytest.raises(ValueError, match=r"no module named \['w1'\]"):
+        jft.LlamaForCausalLM(CFG, peft.Peft(lora=peft.Lora(targets=("w1",))))
+    with pytest.raises(ValueError, match="dora on Mixtral experts"):
+        jft.LlamaForCausalLM(MOE, peft.Peft(lora=peft.Lora(dora=True, targets=("w2",))))
+
+
+def test_specs_from_the_config_match_the_trainers():
+    """``peft.from_config`` (each family's ``from_config``) builds the trainer's spec."""
+    from jft.config import default_config
+    from jft.train.trainer import _peft_spec
+
+    cfg = default_config()
+    cfg.peft.methods = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt")
+    cfg.peft.lora.targets = ("q_proj", "w1")
+    cfg.peft.lora.rank_pattern = (("q_proj", 2),)
+    cfg.peft.prompt.init, cfg.peft.prompt.init_text = "text", "hi"
+    cfg.peft.train = (("lm_head/.*", "trainable"),)
+
+    def tokenizer(text, add_special_tokens):
+        return {"input_ids": [3, 4] if not add_special_tokens else [1, 3, 4]}
+
+    rules = (("score/.*", "trainable"),)
+    assert peft.from_config(cfg.peft, tokenizer, rules) == _peft_spec(cfg, tokenizer, rules)
+    cfg.peft.lora.target_regex = r".*\.v_proj"
+    assert peft.from_config(cfg.peft, tokenizer).lora.targets == r".*\.v_proj"

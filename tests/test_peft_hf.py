@@ -328,3 +328,61 @@ def test_adapters_without_a_peft_format_round_trip_in_jfts_format(base, tmp_path
         {"params": jpeft.attach(model, params, pmodel.peft, jpeft.adapter_of(pparams, pmodel.peft))[1]}, ids
     )
     np.testing.assert_allclose(loaded_model.apply({"params": loaded}, ids), expect, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- Mixtral experts
+
+EXPERTS = {  # jft specs on a Mixtral: experts w1 (gate), w3 (up), w2 (down)
+    "experts": jpeft.Peft(
+        lora=jpeft.Lora(r=2, alpha=4, rslora=True, targets=("q_proj", "w1", "w2", "w3"), rank_pattern=(("w3", 3),))
+    ),
+    "experts_down": jpeft.Peft(lora=jpeft.Lora(r=2, alpha=4, targets=("w2",))),
+}
+
+
+@pytest.fixture(scope="module")
+def mixtral(hf_model_dir):
+    folder = hf_model_dir("mixtral")
+    model, params = jft.load_hf(folder, dtype="float32", remat="none")
+    return folder, model, params
+
+
+@pytest.mark.parametrize("case", list(EXPERTS))
+def test_expert_lora_jft_to_peft_and_back(mixtral, case, tmp_path):
+    """LoRA on the stacked experts is peft's LoRA on the fused expert tensors (target_parameters):
+    peft computes jft's logits, and jft reads the folder back to the same logits."""
+    folder, model, params = mixtral
+    ours = check_jft_to_peft(folder, model, params, EXPERTS[case], tmp_path / "adapter", case)
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(conf["target_parameters"]) <= {"gate_up_proj", "down_proj"}
+    lmodel, lparams = jpeft.load_adapter(model, params, tmp_path / "adapter")
+    np.testing.assert_allclose(jft_logits(lmodel, lparams), ours, atol=1e-4, rtol=0)
+    # saved again, the shared A of gate_up is written as peft wrote it (no growing rank)
+    jpeft.save_adapter(lmodel, lparams, tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again["rank_pattern"].get("gate_up_proj") == conf["rank_pattern"].get("gate_up_proj")
+
+
+def test_expert_lora_peft_to_jft(mixtral, tmp_path):
+    folder, model, params = mixtral
+    config = hf_peft.LoraConfig(
+        task_type=CAUSAL,
+        r=2,
+        lora_alpha=4,
+        target_modules=["k_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        rank_pattern={"down_proj": 3},
+    )
+    torch.manual_seed(0)
+    pm = hf_peft.get_peft_model(hf_base(folder), config)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    lmodel, lparams = jpeft.load_adapter(model, params, tmp_path / "adapter")
+    assert lmodel.peft.linear("block_sparse_moe.experts.w2").r == 3
+    ours = jft_logits(lmodel, lparams)
+    assert np.abs(ours - jft_logits(model, params)).max() > 1e-2, "the perturbed adapter should change the logits"
+    np.testing.assert_allclose(ours, peft_logits(pm, lmodel.peft), atol=1e-4, rtol=0)

@@ -104,7 +104,7 @@ def test_qdora_trains_the_adapter_only_then_merges_and_exports(loaded, tmp_path)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
     np.testing.assert_array_equal(state.frozen["model"]["layers"]["mlp"]["up_proj"]["kernel"].codes, codes_before)
-    merged_model, merged = peft.merge(model, state.params)
+    merged_model, merged = peft.fold(model, state.params)
     assert not any(isinstance(x, quant.QuantizedWeight) for x in jax.tree.leaves(merged))
     np.testing.assert_allclose(
         merged_model.apply({"params": merged}, x), model.apply({"params": state.params}, x), atol=1e-5

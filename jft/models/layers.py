@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.models.peft_spec import Adapter, LinearPeft
+from jft.models.peft_spec import LinearPeft
 from jft.quant import QuantizedWeight, dequantize, dequantize_t
 
 Array = jax.Array
@@ -163,12 +163,12 @@ class Linear(nn.Module):
 
 
 def lora_a_init(kind: str, r: int) -> Callable:
-    """peft's initialisations of ``A [in, r]``: U(+-1/sqrt(in)) (``uniform``) or N(0, 1/r)."""
+    """peft's initialisations of ``A [..., in, r]``: U(+-1/sqrt(in)) (``uniform``) or N(0, 1/r)."""
     if kind == "gaussian":
         return nn.initializers.normal(stddev=1.0 / r)
 
     def uniform(rng, shape, dtype=jnp.float32):
-        bound = 1.0 / math.sqrt(shape[0])
+        bound = 1.0 / math.sqrt(shape[-2])
         return jax.random.uniform(rng, shape, dtype, -bound, bound)
 
     return uniform
@@ -222,7 +222,7 @@ class Bottleneck(nn.Module):
     With ``phm_rule`` (Compacter) both projections are :class:`PHMLinear` layers.
     """
 
-    spec: Adapter
+    spec: Any  # jft.peft.Adapter
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

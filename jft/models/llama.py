@@ -28,12 +28,13 @@ from jft.models.layers import (
     RMSNorm,
     apply_rope,
     default_init,
+    lora_a_init,
     rope_angles,
     rope_inv_freq,
     segment_positions,
     swiglu,
 )
-from jft.models.peft_spec import Peft
+from jft.models.peft_spec import LinearPeft, Peft
 from jft.sharding import constrain
 
 Array = jax.Array
@@ -217,31 +218,59 @@ def tiled_mlp(cfg: LlamaConfig, peft: Peft, x: Array, name: str) -> Array:
     return y.reshape(b, n * c, d)[:, :t]
 
 
-class _Kernel(nn.Module):
-    """A bare ``kernel`` param (so stacked expert weights get HF-like paths: ``experts/w1/kernel``)."""
+class _ExpertLinear(nn.Module):
+    """One stacked expert linear, ``kernel [experts, in, out]``, on rows sorted by expert (one
+    grouped matmul, ``jax.lax.ragged_dot``; ``sizes [experts]`` rows each). With LoRA (``peft``
+    with a rank) every expert adds its own ``s (x lora_a) lora_b``, ``lora_a [experts, in, r]``
+    and ``lora_b [experts, r, out]`` (zero at the start)."""
 
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
+    shape: tuple[int, int, int]
+    axes: tuple[str, str, str]
+    dtype: Any
     param_dtype: Any
+    peft: LinearPeft | None = None
 
     @nn.compact
-    def __call__(self):
-        return self.param("kernel", nn.with_logical_partitioning(default_init, self.axes), self.shape, self.param_dtype)
+    def __call__(self, rows: Array, sizes: Array) -> Array:
+        param = lambda name, init, shape, axes: self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype
+        )
+        dt, (n, n_in, n_out) = self.dtype, self.shape
+        y = jax.lax.ragged_dot(rows, param("kernel", default_init, self.shape, self.axes).astype(dt), sizes)
+        p = self.peft
+        if p is None or not p.r:
+            return y
+        a = param("lora_a", lora_a_init(p.init, p.r), (n, n_in, p.r), (*self.axes[:2], None)).astype(dt)
+        b = param("lora_b", nn.initializers.zeros_init(), (n, p.r, n_out), (self.axes[0], None, self.axes[2]))
+        x = rows
+        if p.dropout and self.has_rng("dropout"):
+            x = nn.Dropout(p.dropout, deterministic=False)(rows)
+        return y + p.scale * jax.lax.ragged_dot(jax.lax.ragged_dot(x, a, sizes), b.astype(dt), sizes)
 
 
 class _Experts(nn.Module):
-    """The stacked expert kernels ``w1``, ``w3`` ``[experts, embed, mlp]`` and ``w2`` ``[experts, mlp, embed]``."""
+    """The stacked expert SwiGLU MLPs ``w2(silu(w1 x) * w3 x)`` on rows sorted by expert: kernels
+    ``w1``, ``w3`` ``[experts, embed, mlp]`` and ``w2`` ``[experts, mlp, embed]`` (HF-like paths,
+    ``experts/w1/kernel``), each with LoRA when the spec targets ``block_sparse_moe.experts.w1``, ..."""
 
     num: int
     embed: int
     mlp: int
+    dtype: Any
     param_dtype: Any
+    peft: Peft = Peft()
 
     @nn.compact
-    def __call__(self):
+    def __call__(self, rows: Array, sizes: Array) -> Array:
         up = ((self.num, self.embed, self.mlp), ("experts", "embed", "mlp"))
         down = ((self.num, self.mlp, self.embed), ("experts", "mlp", "embed"))
-        return tuple(_Kernel(*spec, self.param_dtype, name=n)() for n, spec in (("w1", up), ("w3", up), ("w2", down)))
+
+        def linear(name, spec):
+            lora = self.peft.linear(f"block_sparse_moe.experts.{name}")
+            return _ExpertLinear(*spec, self.dtype, self.param_dtype, lora, name=name)
+
+        w1, w3, w2 = linear("w1", up), linear("w3", up), linear("w2", down)
+        return w2(swiglu(w1(rows, sizes), w3(rows, sizes)), sizes)
 
 
 class MoE(nn.Module):
@@ -252,10 +281,11 @@ class MoE(nn.Module):
     Tokens are sorted by expert and each expert's rows run as one grouped matmul
     (``jax.lax.ragged_dot``), so the cost is ``k`` MLPs per token, not one per expert. The
     router's statistics for the load-balancing loss are sown into the ``router`` collection
-    (see :func:`moe_aux_loss`).
+    (see :func:`moe_aux_loss`). LoRA reaches the experts when ``peft`` targets them (``w1``, ...).
     """
 
     config: LlamaConfig
+    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, x):
@@ -269,14 +299,13 @@ class MoE(nn.Module):
         top_p = top_p / top_p.sum(-1, keepdims=True)
         chosen = jax.nn.one_hot(top_i, n_exp, dtype=jnp.float32).sum((0, 1, 2))
         self.sow("router", "stats", (chosen, probs.sum((0, 1)), jnp.asarray(b * t, jnp.float32)))
-        w1, w3, w2 = (w.astype(dt) for w in _Experts(n_exp, d, cfg.intermediate_size, pdt, name="experts")())
         expert = top_i.reshape(-1)  # [tokens * k]
         order = jnp.argsort(expert, stable=True)
         token = (jnp.arange(b * t * k) // k)[order]
         sizes = jnp.bincount(expert, length=n_exp).astype(jnp.int32)
         rows = x.reshape(-1, d)[token]
-        hidden = swiglu(jax.lax.ragged_dot(rows, w1, sizes), jax.lax.ragged_dot(rows, w3, sizes))
-        y = jax.lax.ragged_dot(hidden, w2, sizes).astype(jnp.float32) * top_p.reshape(-1)[order][:, None]
+        y = _Experts(n_exp, d, cfg.intermediate_size, dt, pdt, self.peft, name="experts")(rows, sizes)
+        y = y.astype(jnp.float32) * top_p.reshape(-1)[order][:, None]
         return jnp.zeros((b * t, d), jnp.float32).at[token].add(y).reshape(b, t, d).astype(dt)
 
 
@@ -315,7 +344,11 @@ class DecoderLayer(nn.Module):
             h = Bottleneck(adapter, dt, pdt, name="attn_adapter")(h, phm_rule)
         x = x + h
         h = norm("post_attention_layernorm")(x)
-        h = MoE(cfg, name="block_sparse_moe")(h) if cfg.num_local_experts else tiled_mlp(cfg, self.peft, h, "mlp")
+        h = (
+            MoE(cfg, self.peft, name="block_sparse_moe")(h)
+            if cfg.num_local_experts
+            else tiled_mlp(cfg, self.peft, h, "mlp")
+        )
         if adapter is not None:
             h = Bottleneck(adapter, dt, pdt, name="mlp_adapter")(h, phm_rule)
         return constrain(x + h, ("batch", None, None)), new_kv
@@ -473,7 +506,9 @@ class LlamaForCausalLM(nn.Module):
 
     def __post_init__(self):
         # Targets as module names, so every module can ask the spec what it computes.
-        object.__setattr__(self, "peft", self.peft.resolve(self.config.num_hidden_layers))
+        object.__setattr__(
+            self, "peft", self.peft.resolve(self.config.num_hidden_layers, self.config.num_local_experts)
+        )
         super().__post_init__()
 
     def setup(self):

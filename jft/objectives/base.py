@@ -111,7 +111,7 @@ class Objective:
         cfg, export_model, params = self.cfg, model, model_params(params)
         if model.peft.methods:
             report["adapter"] = str(peft.save_adapter(model, params, workdir / "adapter"))
-            export_model, params = peft.merge(model, params)
+            export_model, params = peft.fold(model, params)
         if cfg.export.hf and export_model.peft.methods:
             left = export_model.peft.methods
             print(f"no HF export: {left} do not fold into the weights; the adapter is in {report['adapter']}")

@@ -1,5 +1,5 @@
 """jft's own adapter format, for methods peft has no format for (bottleneck adapters, Compacter,
-BitFit, combinations): ``jft_adapter.json`` (the :class:`Peft` spec) + ``adapter.safetensors``
+BitFit, LoRA on Mixtral experts, combinations): ``jft_adapter.json`` (the :class:`Peft` spec) + ``adapter.safetensors``
 (the trainable leaves, keyed by their ``/``-joined param paths, stacked layers whole)."""
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import safetensors.numpy
 
 from jft import tree
 from jft.hf import CheckpointError
-from jft.models.peft_spec import IA3, Adapter, BitFit, Lora, Peft, Prefix, Prompt
+from jft.models.peft_spec import Peft
 from jft.peft.core import adapter_of, attach
+from jft.peft.registry import BY_NAME
+from jft.safetensors_io import atomic_write
 
 CONFIG = "jft_adapter.json"
 WEIGHTS = "adapter.safetensors"
-_METHODS = {"lora": Lora, "ia3": IA3, "bitfit": BitFit, "adapter": Adapter, "prefix": Prefix, "prompt": Prompt}
 
 
 def save_native(model: Any, params: Mapping, out_dir: str | os.PathLike) -> Path:
@@ -29,9 +30,9 @@ def save_native(model: Any, params: Mapping, out_dir: str | os.PathLike) -> Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"/".join(p): np.asarray(x) for p, x in tree.walk(adapter_of(params, model.peft))}
-    _atomic(out / WEIGHTS, lambda f: safetensors.numpy.save_file(tensors, f))
+    atomic_write(out / WEIGHTS, lambda f: safetensors.numpy.save_file(tensors, f))
     meta = {"format": "jft-adapter", "version": 1, "peft": spec_to_dict(model.peft)}
-    _atomic(out / CONFIG, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
+    atomic_write(out / CONFIG, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
     return out
 
 
@@ -60,7 +61,7 @@ def spec_to_dict(spec: Peft) -> dict:
 
 
 def spec_from_dict(d: Mapping) -> Peft:
-    kw = {name: cls(**_tuples(d[name])) for name, cls in _METHODS.items() if d.get(name) is not None}
+    kw = {name: cls(**_tuples(d[name])) for name, cls in BY_NAME.items() if d.get(name) is not None}
     return Peft(**kw, train=_tuples(d.get("train", ())))
 
 
@@ -70,9 +71,3 @@ def _tuples(x):
     if isinstance(x, list | tuple):
         return tuple(_tuples(v) for v in x)
     return x
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
