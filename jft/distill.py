@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from jft import data as jdata
-from jft import evaluate as jeval
+from jft import metrics as jmetrics
 from jft import partition, peft, sharding
 from jft.config import ConfigDict, ConfigError, check, resolve_compute_dtype
 from jft.data.formats import DataError
@@ -200,7 +200,7 @@ def check_settings(directory: Path, settings: dict, generations: Path) -> None:
             )
         return
     directory.mkdir(parents=True, exist_ok=True)
-    jeval.write_report(file, settings)
+    jmetrics.write_report(file, settings)
 
 
 def _resume(path: Path, prompts: Sequence[PromptItem], num_samples: int, unit: int) -> int:
@@ -540,7 +540,7 @@ def distill(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         **counts,
         "generation": generation,
     }
-    jeval.write_report(out / STATS, stats)
+    jmetrics.write_report(out / STATS, stats)
     dropped = ", ".join(f"{v} {k}" for k, v in counts["dropped"].items())
     _log(main, f"distill data: {counts['generated']} generated, {counts['kept']} kept, dropped: {dropped}")
     if not counts["kept"]:
@@ -600,7 +600,7 @@ def distill(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         "workdir": str(workdir),
     }
     if main:
-        jeval.write_report(out / REPORT, report)
+        jmetrics.write_report(out / REPORT, report)
         _log(main, table(report))
     return report
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import data as jdata
-from jft import evaluate as jeval
+from jft import metrics as jmetrics
 from jft import partition, sharding
 from jft.losses import chunked_cross_entropy, token_log_probs
 from jft.objectives.base import Objective, hidden_states, model_params, per_weight
@@ -85,7 +85,7 @@ class SFT(Objective):
 
     def summarize(self, sums):
         loss = sums["loss_sum"] / max(sums["weight_sum"], 1e-9)
-        return {"loss": loss, "perplexity": jeval.perplexity(loss), **per_weight(sums)}
+        return {"loss": loss, "perplexity": jmetrics.perplexity(loss), **per_weight(sums)}
 
     def extra_eval(self, model, params, tokenizer, records):
         cfg = self.cfg
@@ -128,7 +128,7 @@ def generations(model, params, tokenizer, pairs, template, eval_cfg) -> dict:
             refs.append(rendered[1])
     preds = []
     if prompts:
-        preds = jeval.generate_predictions(
+        preds = jmetrics.generate_predictions(
             model,
             model_params(params),
             tokenizer,
@@ -144,7 +144,7 @@ def generation_metrics(generated: dict, eval_cfg) -> dict:
     prompts, refs, preds = generated["prompts"], generated["references"], generated["predictions"]
     if not prompts:
         return {}
-    out = jeval.text_metrics(preds, refs, names=tuple(eval_cfg.metrics))
+    out = jmetrics.text_metrics(preds, refs, names=tuple(eval_cfg.metrics))
     out["examples"] = [
         {"prompt": p, "reference": r, "prediction": y} for p, r, y in list(zip(prompts, refs, preds, strict=True))[:5]
     ]
@@ -246,7 +246,7 @@ def slice_report(model, params, tokenizer, pairs, cfg, train_counts=None, genera
     gen_at = {r: j for j, r in enumerate(generated["index"])} if generated and generated["index"] else {}
     metric_fns = {}
     if gen_at:
-        metric_fns = jeval.metric_statistics(generated["predictions"], generated["references"], tuple(e.metrics))
+        metric_fns = jmetrics.metric_statistics(generated["predictions"], generated["references"], tuple(e.metrics))
 
     def summary(members: np.ndarray, ls: np.ndarray, w: np.ndarray, tokens: int, texts: bool = True) -> dict:
         """Slice of the examples ``members`` with per-example loss sums ``ls`` and weights ``w``."""
@@ -256,7 +256,7 @@ def slice_report(model, params, tokenizer, pairs, cfg, train_counts=None, genera
             "count": len(members),
             "tokens": tokens,
             "loss": _interval(*loss),
-            "perplexity": _interval(*(jeval.perplexity(x) for x in loss)),
+            "perplexity": _interval(*(jmetrics.perplexity(x) for x in loss)),
             "example_loss": _interval(*stats.mean_interval(ls / np.maximum(w, 1e-9))),
         }
         gen = np.array([gen_at[index[m]] for m in members if index[m] in gen_at], np.int64)

@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from jft import data as jdata
-from jft import evaluate as jeval
+from jft import metrics as jmetrics
 from jft import partition, peft, sharding
 from jft.config import ConfigDict, ConfigError, check, default_config, resolve_compute_dtype, to_json
 from jft.hf import load_hf, load_tokenizer
@@ -257,13 +257,13 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     if main:  # merging and writing run on the host CPU: an accelerator may not hold the whole model
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             objective.export(model, params, tokenizer, workdir, report)
-            jeval.write_report(workdir / "report.json", report)
+            jmetrics.write_report(workdir / "report.json", report)
             _plot(workdir)
     _log(main, f"after fine-tuning: {_fmt(after)}")
     if main and slices_file.exists() and cfg.eval.slices:
         slices = json.loads(slices_file.read_text())
-        jeval.slice_plot(slices, workdir / "slices.png")
-        _log(main, jeval.slice_table(slices))
+        jmetrics.slice_plot(slices, workdir / "slices.png")
+        _log(main, jmetrics.slice_table(slices))
     return report
 
 
@@ -318,18 +318,18 @@ def evaluate(
         if not slices or not before.get("slices"):
             raise ConfigError(f"jft eval --baseline compares per-record losses, which task={cfg.task} does not report")
         slices = {"before": before.pop("slices"), "after": slices}
-        slices["comparison"] = report["comparison"] = jeval.compare_losses(
+        slices["comparison"] = report["comparison"] = jmetrics.compare_losses(
             slices["before"], slices["after"], cfg.eval.bootstrap_resamples, cfg.eval.seed
         )
         report["baseline"] = {"model": str(baseline), **before}
     if slices:  # beside the report: out.json -> out.slices.json (and out.slices.png with a baseline)
-        report["slices"] = str(jeval.write_report(Path(out).with_suffix(".slices.json"), slices))
+        report["slices"] = str(jmetrics.write_report(Path(out).with_suffix(".slices.json"), slices))
         if baseline:
-            jeval.slice_plot(slices, Path(out).with_suffix(".slices.png"))
-        print(jeval.slice_table(slices), flush=True)
+            jmetrics.slice_plot(slices, Path(out).with_suffix(".slices.png"))
+        print(jmetrics.slice_table(slices), flush=True)
     given = {"adapter": adapter, "reference": reference}
     report.update(model=str(model_path), data=stats, **{k: str(v) for k, v in given.items() if v})
-    jeval.write_report(Path(out), report)
+    jmetrics.write_report(Path(out), report)
     return report
 
 
@@ -368,10 +368,10 @@ def _tokenizer(cfg, workdir: Path, train_pairs):
     if saved.is_dir():
         return load_tokenizer(saved)
     if cfg.tokenizer.train_on_data:
-        from jft.tokenizer import train_word_tokenizer
+        from jft.tokenizer import train_bpe_tokenizer
 
         texts = [v for _, r in train_pairs for v in _strings(r)]
-        tokenizer = train_word_tokenizer(texts)
+        tokenizer = train_bpe_tokenizer(texts)
     else:
         source = cfg.tokenizer.path or cfg.model.path
         tokenizer = load_tokenizer(source) if source else None
@@ -525,10 +525,10 @@ def _write_slices(path: Path, when: str, slices: dict, eval_cfg) -> None:
     report = json.loads(path.read_text()) if when == "after" and path.exists() else {}
     report[when] = slices
     if report.get("before") and report.get("after"):
-        report["comparison"] = jeval.compare_losses(
+        report["comparison"] = jmetrics.compare_losses(
             report["before"], report["after"], eval_cfg.bootstrap_resamples, eval_cfg.seed
         )
-    jeval.write_report(path, report)
+    jmetrics.write_report(path, report)
 
 
 def _flush(pending: list, ckpt_dir, last_saved) -> dict:
