@@ -118,32 +118,6 @@ def text_metrics(
     return out
 
 
-def text_metrics_by_slice(
-    predictions: Sequence[str],
-    references: Sequence[str],
-    slice_keys: Sequence[str],
-    names: Sequence[str] = ("bleu", "chrf", "rouge", "exact_match"),
-) -> dict[str, dict[str, float]]:
-    """:func:`text_metrics` per slice (e.g. per task or per length bucket), plus each slice's ``count``.
-
-    ``slice_keys[i]`` names the slice of example ``i``; slices come back in sorted order.
-    """
-    if not len(predictions) == len(references) == len(slice_keys):
-        raise ValueError(
-            f"{len(predictions)} predictions, {len(references)} references and {len(slice_keys)} slice keys; "
-            "need one each"
-        )
-    groups: dict[str, list[int]] = {}
-    for i, key in enumerate(slice_keys):
-        groups.setdefault(key, []).append(i)
-    out = {}
-    for key in sorted(groups):
-        idx = groups[key]
-        scores = text_metrics([predictions[i] for i in idx], [references[i] for i in idx], names)
-        out[key] = {**scores, "count": len(idx)}
-    return out
-
-
 def metric_statistics(
     predictions: Sequence[str],
     references: Sequence[str],

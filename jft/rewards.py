@@ -38,7 +38,7 @@ def chrf(prompts, completions, output=None, answer=None, **_) -> list[float]:
 def exact_match(prompts, completions, output=None, answer=None, **_) -> list[float]:
     """1.0 where the completion equals its reference (whitespace-normalised), else 0.0."""
     refs = _references(len(completions), output, answer)
-    same = lambda a, b: " ".join(a.split()) == " ".join(b.split())  # noqa: E731
+    same = lambda a, b: " ".join(a.split()) == " ".join(b.split())
     return [float(same(_text(c), r)) for c, r in zip(completions, refs, strict=True)]
 
 

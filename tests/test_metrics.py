@@ -107,17 +107,6 @@ def test_text_metrics_keys_and_errors():
         metrics.text_metrics([], [])
 
 
-def test_text_metrics_by_slice():
-    preds = ["a", "b", "c", "d"]
-    refs = ["a", "x", "c", "c"]
-    out = metrics.text_metrics_by_slice(preds, refs, ["short", "long", "short", "long"], names=("accuracy",))
-    assert list(out) == ["long", "short"]
-    assert out["short"] == {"accuracy": 100.0, "count": 2}
-    assert out["long"] == {"accuracy": 0.0, "count": 2}
-    with pytest.raises(ValueError, match="slice keys"):
-        metrics.text_metrics_by_slice(preds, refs, ["a"], names=("accuracy",))
-
-
 def test_perplexity():
     assert metrics.perplexity(0.0) == 1.0
     assert metrics.perplexity(math.log(5.0)) == pytest.approx(5.0)
@@ -161,7 +150,7 @@ def tiny(tokenizer):
 def test_generate_predictions_with_tiny_model(tiny, tokenizer):
     model, params = tiny
     prompts = ["Le chat", "Nous voyons le petit chien noir", "Est-ce que", "The cat", "We"]
-    run = lambda ps: metrics.generate_predictions(model, params, tokenizer, ps, max_new_tokens=6, batch_size=5)  # noqa: E731
+    run = lambda ps: metrics.generate_predictions(model, params, tokenizer, ps, max_new_tokens=6, batch_size=5)
     preds = run(prompts)
     assert len(preds) == len(prompts) and all(isinstance(p, str) for p in preds)
     assert run(prompts) == preds

@@ -250,7 +250,7 @@ def slice_report(model, params, tokenizer, pairs, cfg, train_counts=None, genera
 
     def summary(members: np.ndarray, ls: np.ndarray, w: np.ndarray, tokens: int, texts: bool = True) -> dict:
         """Slice of the examples ``members`` with per-example loss sums ``ls`` and weights ``w``."""
-        ratio = lambda idx: float(ls[idx].sum() / max(w[idx].sum(), 1e-9))  # noqa: E731
+        ratio = lambda idx: float(ls[idx].sum() / max(w[idx].sum(), 1e-9))
         loss = stats.bootstrap_interval(ratio, n=len(members), **boot)
         out = {
             "count": len(members),

@@ -175,7 +175,7 @@ def format_plan(report: dict) -> str:
         ("total per device", lambda e: _size(e["total"])),
     ]
     if any("generation" in e for e in estimates.values()):  # jft distill: the teacher answers first
-        gen = lambda key: lambda e: _size(e["generation"][key])  # noqa: E731
+        gen = lambda key: lambda e: _size(e["generation"][key])
         rows += [
             ("jft distill, generation:", lambda e: ""),
             ("  teacher weights", gen("weights")),

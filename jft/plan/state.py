@@ -117,7 +117,7 @@ def _state(cfg, hf: dict | None, num_devices: int | None, notes: list[str]) -> d
         else:
             opt_device += size
 
-    count = lambda leaf: math.prod(getattr(leaf, "full_shape", np.shape(leaf)))  # noqa: E731
+    count = lambda leaf: math.prod(getattr(leaf, "full_shape", np.shape(leaf)))
     total = sum(count(leaf) for _, leaf in walk(params))
     learned = 0
     for path, leaf in walk(params):

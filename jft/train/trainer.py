@@ -39,6 +39,7 @@ from jft.train.checkpoint import Checkpoints
 from jft.train.optim import optimizer_from_config
 from jft.train.state import TrainState
 from jft.train.step import make_eval_step, make_train_step
+from jft.tree import flat
 
 # Changing these between a run and its resumption would change what the run trains on.
 PEFT_METHODS = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt")
@@ -293,7 +294,7 @@ def evaluate(
         cfg = copy.deepcopy(config)
         cfg.eval.slices = True  # the paired comparison needs each record's own loss
     objective = _objective(cfg)
-    load = lambda path: load_hf(  # noqa: E731
+    load = lambda path: load_hf(
         path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg), **objective.model_overrides
     )
     ref_params = load(reference)[1] if reference else None
@@ -356,7 +357,7 @@ def _objective(cfg) -> Objective:
 
 def _records(cfg):
     """(train, validation) lists of (where, record): data.validation, or a seeded held-out share."""
-    load = lambda source: jdata.load_records(source, split=cfg.data.split, data_dir=cfg.data.data_dir or None)  # noqa: E731
+    load = lambda source: jdata.load_records(source, split=cfg.data.split, data_dir=cfg.data.data_dir or None)
     train = load(cfg.data.train)
     if cfg.data.validation:
         return train, load(cfg.data.validation)
@@ -482,11 +483,11 @@ def _check_resume(cfg, workdir: Path, ckpts: Checkpoints) -> None:
                 "back there, or point train.checkpoint_dir (or the workdir) elsewhere for a new run."
             )
         # A key the saved config lacks (added to the schema since) counts as its default.
-        old = {**_flat(json.loads(to_json(default_config()))), **_flat(json.loads(saved.read_text()))}
-        now = _flat(new)
+        old = {**flat(json.loads(to_json(default_config())), "."), **flat(json.loads(saved.read_text()), ".")}
+        now = flat(new, ".")
         # The compute dtype is compared as resolved ("auto" on a CPU is the "" = float32 of older runs).
-        for flat in (old, now):
-            flat["model.compute_dtype"] = _resolved_compute_dtype(flat)
+        for keys in (old, now):
+            keys["model.compute_dtype"] = _resolved_compute_dtype(keys)
         changed = sorted(k for k in now if now.get(k) != old.get(k))
         fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME)]
         if fixed:
@@ -509,13 +510,6 @@ def _check_resume(cfg, workdir: Path, ckpts: Checkpoints) -> None:
 def _resolved_compute_dtype(flat: dict) -> str:
     model = ConfigDict({"compute_dtype": flat["model.compute_dtype"], "dtype": flat["model.dtype"]})
     return resolve_compute_dtype(ConfigDict({"model": model}))
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _write_slices(path: Path, when: str, slices: dict, eval_cfg) -> None:
@@ -562,7 +556,7 @@ class _Writer:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(workdir / "tb"))
-            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.main:
