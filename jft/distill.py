@@ -34,6 +34,7 @@ from jft import partition, peft, sharding
 from jft.config import ConfigDict, ConfigError, check, resolve_compute_dtype
 from jft.data.formats import DataError
 from jft.data.prompts import PromptStats, prompt_tokens
+from jft.generate import generate, left_pad
 from jft.hf import CheckpointError, load_hf, load_tokenizer, resolve
 from jft.train.trainer import TrainingError
 
@@ -246,14 +247,7 @@ def _batch(prompts: Sequence[PromptItem], size: int, num_samples: int, pad: int)
     ``j * num_samples ...``); a short last batch is filled with copies of its last prompt, so every
     batch has one shape per prompt-length bucket (:func:`jft.generate` rounds the width up)."""
     full = list(prompts) + [prompts[-1]] * (size - len(prompts))
-    width = max(len(p.ids) for p in full)
-    ids = np.full((size * num_samples, width), pad, np.int32)
-    mask = np.zeros((size * num_samples, width), bool)
-    for j, p in enumerate(full):
-        rows = slice(j * num_samples, (j + 1) * num_samples)
-        ids[rows, width - len(p.ids) :] = p.ids
-        mask[rows, width - len(p.ids) :] = True
-    return ids, mask
+    return left_pad([p.ids for p in full for _ in range(num_samples)], pad)
 
 
 def _row_keys(seed: int, prompts: Sequence[PromptItem], size: int, num_samples: int) -> jax.Array:
@@ -301,7 +295,6 @@ def generate_responses(
     """
     from tqdm.auto import tqdm
 
-    from jft.generate import generate
     from jft.objectives.rl import completion_mask
 
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
@@ -434,7 +427,6 @@ def generation_speed(
 ) -> float | None:
     """Greedy tokens per second on one batch of the prompts of ``pairs`` (timed after a first,
     compiling run): the tokens generated up to each EOS over the wall time; None without a prompt."""
-    from jft.generate import generate
     from jft.objectives.rl import completion_mask
 
     items, _ = read_prompts(pairs, tokenizer, max_length=max_length, template=template)

@@ -37,7 +37,7 @@ import numpy as np
 
 from jft import stats
 from jft.data import DataError, load_records, prompt_ids
-from jft.generate import generate
+from jft.generate import generate, left_pad
 from jft.toxicity.scorers import (
     DEMO_LEXICON,
     ClassifierScorer,
@@ -313,10 +313,7 @@ def sample_continuations(
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
         full = chunk + [chunk[-1]] * (size - len(chunk))  # a fixed batch size: one compile
-        width = max(len(ids[i]) for i, _ in full)
-        batch, mask = np.full((size, width), pad, np.int32), np.zeros((size, width), np.int32)
-        for r, (i, _) in enumerate(full):
-            batch[r, width - len(ids[i]) :], mask[r, width - len(ids[i]) :] = ids[i], 1
+        batch, mask = left_pad([ids[i] for i, _ in full], pad)
         prompt_index, sample_index = (jnp.asarray(x, jnp.uint32) for x in zip(*full, strict=True))
         new = generate(
             model,

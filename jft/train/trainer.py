@@ -2,7 +2,9 @@
 
 ``config.task`` picks the objective (:data:`jft.objectives.TASKS`), which supplies its rows, its
 loss, its evaluation and its export (:class:`jft.objectives.Objective`); everything else is here.
-Sections: Config, Tokenizer, Data, Model, Optimizer, Step, Checkpoint, Loop, Export.
+``fit`` reads top to bottom: objective, records, tokenizer, mesh, model, checkpoints, optimizer,
+the jitted step (:mod:`jft.train.step`), the loop, final evaluation and export; the pieces it calls
+follow it. From ``jft train`` to the step: jft/cli.py -> this file -> jft/train/step.py.
 Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/ (Orbax;
 or under ``train.checkpoint_dir``, e.g. a gs:// bucket on a pod, with a copy of config.json),
 metrics.jsonl, tb/ (TensorBoard), loss.png, report.json, slices.json + slices.png (eval.slices)
