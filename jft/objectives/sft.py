@@ -173,29 +173,32 @@ def token_nll(model: Any) -> Callable:
 
 
 def example_rows(cfg, pairs, tokenizer, vocab: int) -> tuple[list[int], list[int], list]:
-    """``(index, prompt_lengths, examples)``: each record of ``pairs`` kept by :func:`tokenize`'s
-    rules (truncate or drop, drop when nothing carries loss) as one example, with its position in
+    """``(index, prompt_lengths, examples)``: each record of ``pairs`` that training keeps
+    (:func:`jft.data.pipeline.encode_example`: truncated or dropped as ``data.overlong`` says,
+    dropped when nothing carries loss) as one example, with its position in
     ``pairs`` and its prompt length: its tokens that are not response (BOS, prompt; for chat the
     non-assistant turns)."""
-    from jft.data.formats import RESPONSE, encode_kinds
+    from jft.data.formats import RESPONSE
+    from jft.data.pipeline import encode_example
 
     d = cfg.data
-    table = np.array([0.0, d.prompt_loss_weight, d.response_loss_weight], np.float32)
-    template = jdata.TEMPLATES[d.template]
     index, lengths, examples = [], [], []
     for i, (where, record) in enumerate(pairs):
-        ids, kinds = encode_kinds(record, tokenizer, template=template, fmt=d.format, where=where)
-        if len(ids) > d.seq_len + 1:
-            if d.overlong == "drop":
-                continue
-            ids, kinds = ids[: d.seq_len + 1], kinds[: d.seq_len + 1]
-        kinds = np.asarray(kinds, np.int64)
-        weights = table[kinds]
-        if weights[1:].sum() <= 0 or max(ids, default=0) >= vocab:
-            continue
-        index.append(i)
-        lengths.append(int((kinds != RESPONSE).sum()))
-        examples.append((np.asarray(ids, np.int32), weights))
+        ids, kinds, weights, _, drop = encode_example(
+            where,
+            record,
+            tokenizer,
+            vocab_size=vocab,
+            max_length=d.seq_len,
+            overlong=d.overlong,
+            template=jdata.TEMPLATES[d.template],
+            weights=(d.prompt_loss_weight, d.response_loss_weight),
+            fmt=d.format,
+        )
+        if drop is None:
+            index.append(i)
+            lengths.append(int((kinds != RESPONSE).sum()))
+            examples.append((ids, weights))
     return index, lengths, examples
 
 
