@@ -284,7 +284,7 @@ def run_child(side: str, mode: str, extra: tuple = ()) -> dict:
 def summarize(r: dict) -> dict:
     """Best-of times after the first iteration, tokens/s, peaks over the timed iterations."""
     timed = slice(1, None)
-    best = lambda k: min(r[k][timed])  # noqa: E731
+    best = lambda k: min(r[k][timed])
     i_sample = min(range(1, len(r["sample_s"])), key=lambda i: r["sample_s"][i])
     i_update = min(range(1, len(r["update_s"])), key=lambda i: r["update_s"][i])
     peaks = r["peaks"][timed]

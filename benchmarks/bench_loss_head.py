@@ -60,7 +60,7 @@ def head_temp_bytes(vocab: int, seq: int, chunk: int) -> int:
     ids = jax.ShapeDtypeStruct((1, seq), jnp.int32)
 
     def loss(hidden, kernel, targets, weights):
-        head = lambda h: jnp.matmul(h, kernel)  # noqa: E731
+        head = lambda h: jnp.matmul(h, kernel)
         return chunked_cross_entropy(hidden, head, targets, weights, chunk)[0]
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))

@@ -70,7 +70,7 @@ def child(folder: str, quantize: str, compute: str, batch: int, seq: int, steps:
     jnp.zeros(1).block_until_ready()  # the runtime itself is part of the baseline
     base = reset_peak()
     model, params = jft.load_hf(folder, compute_dtype=compute, remat="none", quantize=quantize or None)
-    is_q = lambda x: isinstance(x, quant.QuantizedWeight)  # noqa: E731
+    is_q = lambda x: isinstance(x, quant.QuantizedWeight)
     kernels = [
         x
         for path, x in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_q)

@@ -33,15 +33,15 @@ import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jft  # noqa: E402
-from jft import sharding  # noqa: E402
-from jft.objectives import token_loss  # noqa: E402
-from jft.train import TrainState, make_optimizer, make_train_step  # noqa: E402
+import jft
+from jft import sharding
+from jft.objectives import token_loss
+from jft.train import TrainState, make_optimizer, make_train_step
 
 MiB, GiB = 2**20, 2**30
 # (hidden, MLP, layers, heads, KV heads), vocab 32000: GPT-2-small-like 125M, 350M, TinyLlama 1.1B,
@@ -54,7 +54,7 @@ STANDARD = {
     "7B": (4096, 11008, 32, 32, 32),
     "13B": (5120, 13824, 40, 40, 40),
 }
-FAMILY = lambda layers: (2048, 5632, layers, 16, 8)  # noqa: E731
+FAMILY = lambda layers: (2048, 5632, layers, 16, 8)
 BATCH_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
 DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
 COLLECTIVE = re.compile(r"= (.+?) (all-reduce|reduce-scatter|all-gather)(?:-start)?\(")
@@ -114,7 +114,7 @@ def collectives(hlo: str) -> dict:
 
 def batch_specs(mesh, b: int, t: int) -> dict:
     shard = sharding.batch_sharding(mesh)
-    dtype = lambda k: jnp.float32 if k == "loss_weights" else jnp.int32  # noqa: E731
+    dtype = lambda k: jnp.float32 if k == "loss_weights" else jnp.int32
     return {k: jax.ShapeDtypeStruct((1, b, t), dtype(k), sharding=shard) for k in BATCH_KEYS}
 
 
@@ -122,7 +122,7 @@ def abstract_state(model, mesh, tx) -> TrainState:
     """The trainer's TrainState as ShapeDtypeStructs with its shardings: params and AdamW mu, nu
     sharded by the rules, step counters and rng replicated (as `sharding.on_mesh` leaves them)."""
     shards = sharding.param_shardings(model, mesh)
-    like = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    like = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     params = jax.tree.map(like, model.param_shapes(), shards)
     labels = jax.tree.map(lambda _: True, params)
     state = jax.eval_shape(lambda p: TrainState.create(p, labels, tx, jax.random.key(1)), params)
@@ -146,7 +146,7 @@ def measure(model, n: int, batch: dict) -> dict:
     # As the trainer does: AdamW's mu and nu are zeros like (so sharded like) their params.
     state = sharding.on_mesh(TrainState.create(params, labels, tx, jax.random.key(1)), mesh)
     del params
-    held = lambda s: bytes_on((s.trainable, s.frozen, s.opt_state), dev0)  # noqa: E731
+    held = lambda s: bytes_on((s.trainable, s.frozen, s.opt_state), dev0)
     r = {"bytes": held(state), "computed": 3 * shard_bytes(model, mesh)[1]}
     r["mu_spec"] = str(state.opt_state[1].mu["model"]["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec)
     batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
@@ -181,7 +181,7 @@ def most_layers(n: int, budget: float, b: int, t: int, cache: dict, limit: int =
     one layer does not). The step's memory is close to linear in layers, so each probe is where the line
     through the two nearest measured counts crosses the budget, and the next its neighbour (+1 after a
     fit, -1 after a miss); that settles it in a few compiles where halving the range would take ~8."""
-    need = lambda layers: step_total(FAMILY(layers), n, b, t, cache)  # noqa: E731
+    need = lambda layers: step_total(FAMILY(layers), n, b, t, cache)
     if need(1) > budget:
         return 0
     if need(2) > budget:

@@ -321,8 +321,8 @@ def probes(rs, b: int, t: int) -> dict:
     n, hd, m, vocab = SIZE["num_hidden_layers"], SIZE["hidden_size"], SIZE["intermediate_size"], SIZE["vocab_size"]
     h, kv = SIZE["num_attention_heads"], SIZE["num_key_value_heads"]
     d = hd // h
-    f32 = lambda *shape, scale=1.0: (rs.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
-    leaf = lambda a: torch.tensor(a, requires_grad=True)  # noqa: E731
+    f32 = lambda *shape, scale=1.0: (rs.standard_normal(shape) * scale).astype(np.float32)
+    leaf = lambda a: torch.tensor(a, requires_grad=True)
     out = {}
 
     # Attention core (after RoPE, before o_proj), as each side's model calls it: HF's sdpa path
@@ -410,7 +410,7 @@ def probes(rs, b: int, t: int) -> dict:
     weights = jnp.ones((b, t), jnp.float32)
 
     def head_loss(chunked, hid, w):
-        head = lambda x, rng=None: dense(x, w, jnp.float32)  # noqa: E731
+        head = lambda x, rng=None: dense(x, w, jnp.float32)
         if chunked:
             return chunked_cross_entropy(hid, head, jnp.asarray(y), weights)[0]
         return weighted_cross_entropy(head(hid), jnp.asarray(y), weights)[0]

@@ -29,11 +29,12 @@ import jax
 import numpy as np
 
 from jft import data as jdata
-from jft import evaluate as jeval
+from jft import metrics as jmetrics
 from jft import partition, peft, sharding
 from jft.config import ConfigDict, ConfigError, check, resolve_compute_dtype
 from jft.data.formats import DataError
 from jft.data.prompts import PromptStats, prompt_tokens
+from jft.generate import generate, left_pad
 from jft.hf import CheckpointError, load_hf, load_tokenizer, resolve
 from jft.safetensors_io import atomic_write
 from jft.train.trainer import TrainingError
@@ -201,7 +202,7 @@ def check_settings(directory: Path, settings: dict, generations: Path) -> None:
             )
         return
     directory.mkdir(parents=True, exist_ok=True)
-    jeval.write_report(file, settings)
+    jmetrics.write_report(file, settings)
 
 
 def _resume(path: Path, prompts: Sequence[PromptItem], num_samples: int, unit: int) -> int:
@@ -247,14 +248,7 @@ def _batch(prompts: Sequence[PromptItem], size: int, num_samples: int, pad: int)
     ``j * num_samples ...``); a short last batch is filled with copies of its last prompt, so every
     batch has one shape per prompt-length bucket (:func:`jft.generate` rounds the width up)."""
     full = list(prompts) + [prompts[-1]] * (size - len(prompts))
-    width = max(len(p.ids) for p in full)
-    ids = np.full((size * num_samples, width), pad, np.int32)
-    mask = np.zeros((size * num_samples, width), bool)
-    for j, p in enumerate(full):
-        rows = slice(j * num_samples, (j + 1) * num_samples)
-        ids[rows, width - len(p.ids) :] = p.ids
-        mask[rows, width - len(p.ids) :] = True
-    return ids, mask
+    return left_pad([p.ids for p in full for _ in range(num_samples)], pad)
 
 
 def _row_keys(seed: int, prompts: Sequence[PromptItem], size: int, num_samples: int) -> jax.Array:
@@ -302,7 +296,6 @@ def generate_responses(
     """
     from tqdm.auto import tqdm
 
-    from jft.generate import generate
     from jft.objectives.rl import completion_mask
 
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
@@ -433,7 +426,6 @@ def generation_speed(
 ) -> float | None:
     """Greedy tokens per second on one batch of the prompts of ``pairs`` (timed after a first,
     compiling run): the tokens generated up to each EOS over the wall time; None without a prompt."""
-    from jft.generate import generate
     from jft.objectives.rl import completion_mask
 
     items, _ = read_prompts(pairs, tokenizer, max_length=max_length, template=template)
@@ -539,7 +531,7 @@ def distill(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         **counts,
         "generation": generation,
     }
-    jeval.write_report(out / STATS, stats)
+    jmetrics.write_report(out / STATS, stats)
     dropped = ", ".join(f"{v} {k}" for k, v in counts["dropped"].items())
     _log(main, f"distill data: {counts['generated']} generated, {counts['kept']} kept, dropped: {dropped}")
     if not counts["kept"]:
@@ -599,7 +591,7 @@ def distill(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         "workdir": str(workdir),
     }
     if main:
-        jeval.write_report(out / REPORT, report)
+        jmetrics.write_report(out / REPORT, report)
         _log(main, table(report))
     return report
 

@@ -21,6 +21,21 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad: int, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as :func:`generate` takes them: ``ids`` int32 and ``mask`` bool ``[size, width]``,
+    each row right-aligned after ``pad`` tokens. With ``size`` the batch is filled up with copies of
+    the last row, so every batch of a run has one shape (and one compiled program per length bucket)."""
+    rows = list(rows)
+    rows += [rows[-1]] * ((size or len(rows)) - len(rows))
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = True
+    return ids, mask
+
+
 def sample_logits(logits: Array, rng: Array, temperature: float, top_k: int | None, top_p: float | None) -> Array:
     """Next tokens ``[batch]`` from float32 logits ``[batch, vocab]``; greedy when temperature is 0."""
     if temperature == 0:

@@ -53,11 +53,6 @@ def last_layers(n: int, num_layers: int) -> tuple[tuple[str, str], ...]:
     return tuple(rules)
 
 
-def freeze_embeddings(rules: Rules = FULL) -> tuple[tuple[str, str], ...]:
-    """``rules`` with the input embedding table frozen first (default: train everything else)."""
-    return (("model/embed_tokens/.*", "frozen"),) + tuple(tuple(r) for r in rules)
-
-
 # ---------------------------------------------------------------------------- labels
 
 

@@ -7,7 +7,7 @@
 
 Layout, as bitsandbytes quantizes a Hugging Face ``nn.Linear.weight`` ``[out, in]``: each matrix is
 transposed to ``[out, in]``, flattened row-major and cut into blocks of ``block_size`` consecutive
-values (a block never crosses a row, since ``block_size`` must divide ``in``). Per block the scale is
+values (``block_size`` must divide ``in * out``; a block may span two rows). Per block the scale is
 ``absmax = max |x|``; each value gets the code of the nearest table value to ``x * (1 / absmax)``
 (see ``quantize`` for the exact rule and ties). Two codes share a byte, the first of a pair in the high
 nibble, as bitsandbytes packs them, so for the same tensor the code bytes are bitsandbytes' bytes.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jft import evaluate
+from jft import metrics
 
 
 def _text(completion) -> str:
@@ -32,13 +32,13 @@ def _references(n: int, output: Sequence | None, answer: Sequence | None) -> lis
 def chrf(prompts, completions, output=None, answer=None, **_) -> list[float]:
     """Sentence chrF of each completion against its record's ``output`` (or ``answer``), in [0, 1]."""
     refs = _references(len(completions), output, answer)
-    return [evaluate.chrf([_text(c).strip()], [r]) / 100 for c, r in zip(completions, refs, strict=True)]
+    return [metrics.chrf([_text(c).strip()], [r]) / 100 for c, r in zip(completions, refs, strict=True)]
 
 
 def exact_match(prompts, completions, output=None, answer=None, **_) -> list[float]:
     """1.0 where the completion equals its reference (whitespace-normalised), else 0.0."""
     refs = _references(len(completions), output, answer)
-    same = lambda a, b: " ".join(a.split()) == " ".join(b.split())  # noqa: E731
+    same = lambda a, b: " ".join(a.split()) == " ".join(b.split())
     return [float(same(_text(c), r)) for c, r in zip(completions, refs, strict=True)]
 
 

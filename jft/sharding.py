@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jft.quant import QuantizedWeight
+from jft.tree import get_path
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -103,9 +104,10 @@ def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES, params=None) -> dict
     table = dict(rules)
 
     def one(path, spec, shape):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if params is not None and isinstance(_at(params, path), QuantizedWeight):
-            return quantized_sharding(_at(params, path), mesh, rules, name)
+        keys = [getattr(k, "key", k) for k in path]
+        name = "/".join(map(str, keys))
+        if params is not None and isinstance(leaf := get_path(params, keys), QuantizedWeight):
+            return quantized_sharding(leaf, mesh, rules, name)
         if len(spec) != len(shape.shape):  # created without logical axes (Compacter's PHM factors): replicated
             spec = (None,) * len(shape.shape)
         mesh_axes = []
@@ -151,12 +153,6 @@ def quantized_sharding(q: QuantizedWeight, mesh: Mesh, rules=DEFAULT_RULES, name
         scale_scales=None if q.scale_scales is None else whole,
         scale_offset=None if q.scale_offset is None else whole,
     )
-
-
-def _at(tree, path):
-    for k in path:
-        tree = tree[getattr(k, "key", k)]
-    return tree
 
 
 def on_mesh(tree, mesh: Mesh):

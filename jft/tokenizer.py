@@ -1,6 +1,6 @@
 """A small byte-level BPE tokenizer trained on the data itself, for models that start from scratch.
 
-    tokenizer = train_word_tokenizer(texts, "runs/x/tokenizer")      # transformers tokenizer
+    tokenizer = train_bpe_tokenizer(texts, "runs/x/tokenizer")      # transformers tokenizer
     ids = tokenizer.encode("Le chat dort.", add_special_tokens=False)
 
 Byte-level pre-tokenization means every string has an encoding (no ``<unk>`` in practice) and
@@ -18,7 +18,7 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 DEFAULT_VOCAB_SIZE = 1024
 
 
-def train_word_tokenizer(
+def train_bpe_tokenizer(
     texts: Iterable[str], out_dir: str | os.PathLike | None = None, *, vocab_size: int | None = None
 ):
     """Train a byte-level BPE tokenizer on ``texts``; a ``transformers.PreTrainedTokenizerFast``.
@@ -42,7 +42,7 @@ def train_word_tokenizer(
         raise ValueError(f"vocab_size must be at least {least}, got {vocab_size}")
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError("train_word_tokenizer needs at least one non-empty text")
+        raise ValueError("train_bpe_tokenizer needs at least one non-empty text")
 
     tok = Tokenizer(models.BPE())
     # GPT-2 style split (words with their leading space, punctuation runs, digits), then bytes;

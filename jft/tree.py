@@ -29,6 +29,11 @@ def walk(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, .
         yield prefix, tree
 
 
+def flat(tree: Mapping, sep: str = "/") -> dict:
+    """``{"a/b/c": leaf}`` for every leaf of a nested dict (keys joined by ``sep``)."""
+    return {sep.join(path): leaf for path, leaf in walk(tree)}
+
+
 def get_path(tree, path):
     """The value at ``path`` (a tuple of keys) of a nested dict."""
     for k in path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import jft
-from jft.tokenizer import SPECIAL_TOKENS, train_word_tokenizer
+from jft.tokenizer import SPECIAL_TOKENS, train_bpe_tokenizer
 
 DATA = Path(jft.__file__).parent / "assets" / "en_fr.jsonl"
 
@@ -37,7 +37,7 @@ def texts(records):
 
 @pytest.fixture(scope="module")
 def tokenizer(texts):
-    return train_word_tokenizer(texts)
+    return train_bpe_tokenizer(texts)
 
 
 def test_records_are_plain_and_complete(records):
@@ -71,7 +71,7 @@ def test_french_elision_and_questions(records):
 
 
 def test_vocabulary_is_small(records):
-    words = lambda key: {w.lower() for r in records for w in re.findall(r"[\w-]+", r[key])}  # noqa: E731
+    words = lambda key: {w.lower() for r in records for w in re.findall(r"[\w-]+", r[key])}
     assert len(words("input")) <= 200
     assert len(words("output")) <= 260
 
@@ -99,12 +99,12 @@ def test_tokenizer_special_tokens_and_size(tokenizer, texts):
 
 
 def test_tokenizer_is_deterministic(tokenizer, texts):
-    again = train_word_tokenizer(texts)
+    again = train_bpe_tokenizer(texts)
     assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
 
 
 def test_tokenizer_saves_and_loads(texts, tmp_path):
-    train_word_tokenizer(texts[:200], tmp_path, vocab_size=400)
+    train_bpe_tokenizer(texts[:200], tmp_path, vocab_size=400)
     loaded = jft.load_tokenizer(tmp_path)
     assert len(loaded) <= 400
     for text in ("Où est le chat ?", "Est-ce qu'elle a soif ?", "Les sœurs mangent des œufs."):
@@ -114,6 +114,6 @@ def test_tokenizer_saves_and_loads(texts, tmp_path):
 
 def test_tokenizer_rejects_bad_arguments():
     with pytest.raises(ValueError, match="vocab_size"):
-        train_word_tokenizer(["a b"], vocab_size=100)
+        train_bpe_tokenizer(["a b"], vocab_size=100)
     with pytest.raises(ValueError, match="non-empty"):
-        train_word_tokenizer(["", ""])
+        train_bpe_tokenizer(["", ""])

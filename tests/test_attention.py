@@ -99,7 +99,7 @@ def test_the_model_gives_the_same_logits_and_gradients_with_every_implementation
     def loss(params, impl):
         model = jft.LlamaForCausalLM(dataclasses.replace(cfg, attention=impl, attention_chunk=32))
         hidden = model.apply({"params": params}, ids, segment_ids=seg, hidden_only=True)
-        head = lambda x: model.apply({"params": params}, x, method="head")  # noqa: E731
+        head = lambda x: model.apply({"params": params}, x, method="head")
         return chunked_cross_entropy(hidden, head, ids, weights)[0]
 
     params = jft.LlamaForCausalLM(cfg).init_params(jax.random.key(0))
@@ -171,7 +171,7 @@ def train_step_temporaries(impl: str, length: int, mlp_chunk: int = 0) -> float:
 
     def loss(p, ids):
         hidden = model.apply({"params": p}, ids, segment_ids=jnp.ones_like(ids), hidden_only=True)
-        head = lambda x: model.apply({"params": p}, x, method="head")  # noqa: E731
+        head = lambda x: model.apply({"params": p}, x, method="head")
         return chunked_cross_entropy(hidden, head, ids, jnp.ones(ids.shape))[0]
 
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)

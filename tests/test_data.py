@@ -148,7 +148,7 @@ def test_chat_with_tokenizer_template():
 
 def test_chat_with_chatml_fallback():
     ids, weights = encode(CHAT, TOK, prompt_loss_weight=0.25)
-    turn = lambda role, *words: ["<|im_start|>", role, *words, "<|im_end|>"]  # noqa: E731
+    turn = lambda role, *words: ["<|im_start|>", role, *words, "<|im_end|>"]
     expected = [
         "<s>",
         *turn("system", "You", "are", "helpful"),
@@ -344,7 +344,7 @@ def test_packed_row_gives_each_example_its_own_loss():
 
 def _rows(n, seq_len=4):
     """Rows whose every entry is the row number, so a batch shows which rows it holds."""
-    dtype = lambda k: np.float32 if k == "loss_weights" else np.int32  # noqa: E731
+    dtype = lambda k: np.float32 if k == "loss_weights" else np.int32
     return [{k: np.full(seq_len, i, dtype(k)) for k in jft.data.KEYS} for i in range(n)]
 
 

@@ -242,7 +242,7 @@ def test_resumed_generation_writes_what_an_uninterrupted_run_writes(teachers, tm
     # Per-row keys: a prompt's answers do not depend on its batch or its place in it
     reverse = tmp_path / "c" / "gen.jsonl"
     jd.generate_responses(*run.teacher, items[::-1], reverse, progress=False, **run.kw)
-    by_key = lambda path: {line.split(b', "record"')[0]: line for line in path.read_bytes().splitlines()}  # noqa: E731
+    by_key = lambda path: {line.split(b', "record"')[0]: line for line in path.read_bytes().splitlines()}
     assert by_key(reverse) == by_key(straight)
 
 

@@ -227,7 +227,7 @@ def test_a_preempted_dpo_run_resumes_exactly_and_jft_eval_scores_it_against_its_
         "train.checkpoint_every=0", "train.log_every=1", "train.eval_every=0", "peft.lora.r=2",
         "optim.learning_rate=1e-2",
     ]  # fmt: skip
-    config = lambda: load_config("configs/dpo_llama.py", over)  # noqa: E731
+    config = lambda: load_config("configs/dpo_llama.py", over)
     straight = fit(config(), tmp_path / "straight")
 
     run = tmp_path / "run"

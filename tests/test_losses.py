@@ -63,7 +63,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_rows_logits(kind):
     hidden, targets, weights = batch()
 
     def loss(chunk, hidden, leaves):
-        head = lambda h: model.apply({"params": with_head(params, leaves)}, h, method="head")  # noqa: E731
+        head = lambda h: model.apply({"params": with_head(params, leaves)}, h, method="head")
         if chunk is None:  # the reference: the whole [b, t, vocab] logits
             return weighted_cross_entropy(head(hidden), targets, weights)
         return chunked_cross_entropy(hidden, head, targets, weights, chunk)
@@ -96,7 +96,7 @@ def test_token_log_probs_equal_log_softmax_gathered():
     log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
     log_softmax -= logits.max(-1, keepdims=True)
     want = np.take_along_axis(log_softmax, np.clip(np.asarray(targets), 0, VOCAB - 1)[..., None], -1)[..., 0]
-    head = lambda h: model.apply({"params": params}, h, method="head")  # noqa: E731
+    head = lambda h: model.apply({"params": params}, h, method="head")
     for chunk in (5, 12):
         got = jax.jit(lambda h, c=chunk: token_log_probs(h, head, targets, c))(hidden)
         assert got.shape == (B, T) and got.dtype == jnp.float32

@@ -463,10 +463,10 @@ WORDS = ["add", "the", "numbers", "write", "python", "code", "translate", "to", 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
     """A base with a tokenizer and three experts that differ from it in their MLPs only."""
-    from jft.tokenizer import train_word_tokenizer
+    from jft.tokenizer import train_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("moe_models")
-    tok = train_word_tokenizer([" ".join(WORDS)] * 4, vocab_size=300)
+    tok = train_bpe_tokenizer([" ".join(WORDS)] * 4, vocab_size=300)
     build_hf_model("llama", root / "base", num_hidden_layers=3, vocab_size=len(tok), bos_token_id=tok.bos_token_id)
     tok.save_pretrained(root / "base")
     base = load_file(root / "base" / "model.safetensors")

@@ -107,7 +107,7 @@ def test_a_critic_started_from_a_reward_model_values_each_prefix_by_its_score_an
     state = TrainState.create(params, labels, tx, jax.random.key(2))
     new, metrics = jax.jit(make_ppo_step(train_step, 1, 1))(state, rollout, jax.random.key(4))
     assert float(metrics["value_loss"]) > 0
-    embed = lambda s: s.trainable[VALUE_HEAD]["model"]["embed_tokens"]["embedding"]  # noqa: E731
+    embed = lambda s: s.trainable[VALUE_HEAD]["model"]["embed_tokens"]["embedding"]
     assert not np.allclose(embed(new), embed(state))
     small = jft.LlamaForCausalLM(jft.LlamaConfig.tiny(num_hidden_layers=1, num_labels=1, vocab_size=64))
     jft.save_hf(small, small.init_params(jax.random.key(0)), tmp_path / "other")

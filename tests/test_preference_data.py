@@ -303,10 +303,10 @@ def test_demo_script_reproduces_the_asset():
 
 def test_demo_pairs_tokenize_as_sft_sees_them():
     """With the quickstart's data-trained tokenizer, the chosen side is the SFT example of the same record."""
-    from jft.tokenizer import train_word_tokenizer
+    from jft.tokenizer import train_bpe_tokenizer
 
     records = [json.loads(line) for line in (ASSETS / "en_fr.jsonl").open(encoding="utf-8")]
-    tok = train_word_tokenizer([v for r in records for v in r.values()])
+    tok = train_bpe_tokenizer([v for r in records for v in r.values()])
     by_prompt = {COMPACT.prompt_with_input.format(**r): r for r in records}
     pairs = load_records(ASSETS / "en_fr_preferences.jsonl")[:20]
     rows, stats = tokenize_pairs(pairs, tok, 64, vocab_size=len(tok))

@@ -274,7 +274,7 @@ def test_ipo_is_zero_with_zero_gradient_at_its_optimum():
 def test_raising_chosen_or_lowering_rejected_lowers_the_loss(kind):
     d = pairs(8, empty=False)  # for orpo, see test_orpo_is_finite_for_an_empty_response
     d["ref_logps"] = d["logps"] + 0.5  # x = 0 for the DPO family: hinge active, IPO below its optimum
-    loss_fn = lambda logps: jft_loss(kind, d, logps)[0].sum()  # noqa: E731
+    loss_fn = lambda logps: jft_loss(kind, d, logps)[0].sum()
     grad = np.asarray(jax.grad(loss_fn)(jnp.asarray(d["logps"], jnp.float32)))
     assert np.all(grad[0] < 0) and np.all(grad[1] > 0)
     loss = np.asarray(jft_loss(kind, d)[0])
@@ -324,7 +324,7 @@ def test_sequence_log_probs_equal_the_whole_rows_log_softmax():
     mask = weights > 0
 
     def objective(chunk, hidden, kernel):  # weighted over the sequences, so each one's gradient counts
-        head = lambda h: model.apply({"params": {"lm_head": {"kernel": kernel}}}, h, method="head")  # noqa: E731
+        head = lambda h: model.apply({"params": {"lm_head": {"kernel": kernel}}}, h, method="head")
         if chunk is None:  # the reference: the whole logits
             logp = jax.nn.log_softmax(head(hidden).astype(jnp.float32), axis=-1)
             logp = jnp.take_along_axis(logp, jnp.clip(targets, 0)[..., None], axis=-1)[..., 0]

@@ -68,7 +68,7 @@ def test_fit_on_two_hosts_then_resume_on_another_mesh(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = str(s.getsockname()[1])
-    logs = [open(tmp_path / f"host{i}.log", "w+") for i in range(2)]  # noqa: SIM115 - pipes could fill and block
+    logs = [open(tmp_path / f"host{i}.log", "w+") for i in range(2)]
     hosts = [
         subprocess.Popen(
             [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_trainer import tiny_config, write_data
 
-from jft import evaluate as jeval
+from jft import metrics as jmetrics
 from jft import stats
 from jft.train import fit
 
@@ -62,7 +62,7 @@ def test_bootstrap_is_deterministic_for_a_seed_and_takes_a_statistic_fn():
     assert stats.bootstrap_interval(x, seed=3) == stats.bootstrap_interval(x, seed=3)
     assert stats.bootstrap_interval(x, seed=3) != stats.bootstrap_interval(x, seed=4)
     num, den = x, np.arange(1, 51.0)
-    ratio = lambda idx: num[idx].sum() / den[idx].sum()  # noqa: E731 - not a mean of per-example values
+    ratio = lambda idx: num[idx].sum() / den[idx].sum()
     value, low, high = stats.bootstrap_interval(ratio, n=50, n_resamples=300)
     assert value == pytest.approx(num.sum() / den.sum()) and low < value < high
     with pytest.raises(ValueError, match="needs n"):
@@ -72,8 +72,8 @@ def test_bootstrap_is_deterministic_for_a_seed_and_takes_a_statistic_fn():
 def test_bootstrap_of_corpus_bleu_is_sacrebleus_score():
     preds = ["the cat sat on the mat", "a dog runs", "hello world there", "le chat noir est là"]
     refs = ["the cat sat on a mat", "the dog runs", "hello world", "le chat est noir"]
-    fns = jeval.metric_statistics(preds, refs, ("bleu", "chrf", "rouge", "exact_match"))
-    full = jeval.text_metrics(preds, refs)
+    fns = jmetrics.metric_statistics(preds, refs, ("bleu", "chrf", "rouge", "exact_match"))
+    full = jmetrics.text_metrics(preds, refs)
     for name, fn in fns.items():
         assert fn(np.arange(4)) == pytest.approx(full[name]), name
     value, low, high = stats.bootstrap_interval(fns["bleu"], n=4, n_resamples=200)
@@ -160,7 +160,7 @@ def test_fit_writes_slice_report_with_counts_summing_to_total(tmp_path, capsys):
     assert after["overall"]["generated"] == 4 and "bleu" in after["overall"]
     c = slices["comparison"]
     assert c["before"] == pytest.approx(report["before"]["loss"], rel=1e-4) and c["difference"] < 0
-    table = jeval.slice_table(slices)
+    table = jmetrics.slice_table(slices)
     assert table.splitlines()[0].startswith("| slice | bucket | count | tokens | loss |")
     assert "| field:topic |" in table and "paired bootstrap p =" in table
     assert table in capsys.readouterr().out

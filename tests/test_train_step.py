@@ -168,7 +168,7 @@ def test_partition_rules_errors_and_summary(model_params):
     with pytest.raises(ValueError, match="leading axis of 3"):
         partition.labels(params, partition.FULL, 3)
 
-    labels = partition.labels(params, partition.freeze_embeddings(), 2)
+    labels = partition.labels(params, (("model/embed_tokens/.*", "frozen"), *partition.FULL), 2)
     trainable, frozen = partition.split(params, labels)
     assert frozen == {"model": {"embed_tokens": params["model"]["embed_tokens"]}}
     merged = partition.merge(trainable, frozen)

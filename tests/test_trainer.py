@@ -91,7 +91,7 @@ def test_partial_rules_keep_frozen_layers_bit_identical(tmp_path):
     model = jft.LlamaForCausalLM(jft.load_hf(tmp_path / "a" / "hf")[0].config)
     init = model.init_params(jax.random.key(0))
     up = ("model", "layers", "mlp", "up_proj", "kernel")
-    get = lambda p: np.asarray(p[up[0]][up[1]][up[2]][up[3]][up[4]])  # noqa: E731
+    get = lambda p: np.asarray(p[up[0]][up[1]][up[2]][up[3]][up[4]])
     np.testing.assert_array_equal(get(trained)[0], get(init)[0])
     assert not np.array_equal(get(trained)[1], get(init)[1])
     np.testing.assert_array_equal(

@@ -170,6 +170,43 @@ class Stats:
         )
 
 
+def encode_example(
+    where: str,
+    record: dict,
+    tokenizer,
+    *,
+    vocab_size: int,
+    max_length: int,
+    overlong: str,
+    template: Template,
+    weights: tuple[float, float],
+    fmt: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, str | None]:
+    """One record as :func:`tokenize_records` treats it: ``(ids, kinds, loss weights, truncated, drop)``.
+
+    ``ids`` int32, ``kinds`` (BOS / PROMPT / RESPONSE) and the loss weights float32 (from
+    ``weights`` = ``(prompt, response)``) are ``[n]``, cut to ``max_length + 1`` tokens. ``drop`` is
+    None for a kept example, ``"overlong"`` (too long, with ``overlong="drop"``) or ``"no_loss"`` (no
+    target carries weight, after any truncation). Raises :class:`DataError` for a bad record or a
+    token id the model's ``vocab_size`` cannot embed."""
+    if overlong not in ("truncate", "drop"):
+        raise DataError(f"overlong={overlong!r}; use 'truncate' or 'drop'")
+    ids, kinds = encode_kinds(record, tokenizer, template=template, fmt=fmt, where=where)
+    top = max(ids, default=0)
+    if top >= vocab_size:
+        raise DataError(
+            f"{where}: token id {top} >= the model's vocab_size {vocab_size}; the tokenizer "
+            f"({len(tokenizer)} tokens) does not fit the model. Use the model's own tokenizer"
+        )
+    too_long = len(ids) > max_length + 1
+    ids, kinds = ids[: max_length + 1], np.asarray(kinds[: max_length + 1], np.int64)
+    loss_weights = np.array([0.0, *weights], np.float32)[kinds]
+    if too_long and overlong == "drop":
+        return np.asarray(ids, np.int32), kinds, loss_weights, False, "overlong"
+    drop = "no_loss" if loss_weights[1:].sum() <= 0 else None  # the first token is never a target
+    return np.asarray(ids, np.int32), kinds, loss_weights, too_long, drop
+
+
 def tokenize_records(
     pairs: Sequence[tuple[str, dict]],
     tokenizer,
@@ -190,32 +227,26 @@ def tokenize_records(
     :class:`DataError` for a bad record (naming where), a token id the model's
     ``vocab_size`` cannot embed, or when no example is left.
     """
-    if overlong not in ("truncate", "drop"):
-        raise DataError(f"overlong={overlong!r}; use 'truncate' or 'drop'")
-    table = np.array([0.0, prompt_loss_weight, response_loss_weight], np.float32)
     examples, stats = [], Stats()
     for where, record in pairs:
         stats.records += 1
-        ids, kinds = encode_kinds(record, tokenizer, template=template, fmt=fmt, where=where)
-        top = max(ids, default=0)
-        if top >= vocab_size:
-            raise DataError(
-                f"{where}: token id {top} >= the model's vocab_size {vocab_size}; the tokenizer "
-                f"({len(tokenizer)} tokens) does not fit the model. Use the model's own tokenizer"
-            )
-        if len(ids) > max_length + 1:
-            if overlong == "drop":
-                stats.dropped += 1
-                continue
-            ids, kinds = ids[: max_length + 1], kinds[: max_length + 1]
-            stats.truncated += 1
-        kinds = np.asarray(kinds, np.int64)
-        weights = table[kinds]
-        if weights[1:].sum() <= 0:  # the first token is never a target
-            stats.dropped += 1
-            stats.no_loss += 1
+        ids, kinds, weights, truncated, drop = encode_example(
+            where,
+            record,
+            tokenizer,
+            vocab_size=vocab_size,
+            max_length=max_length,
+            overlong=overlong,
+            template=template,
+            weights=(prompt_loss_weight, response_loss_weight),
+            fmt=fmt,
+        )
+        stats.truncated += truncated
+        stats.dropped += drop is not None
+        stats.no_loss += drop == "no_loss"
+        if drop:
             continue
-        examples.append((np.asarray(ids, np.int32), weights))
+        examples.append((ids, weights))
         stats.tokens += len(ids)
         stats.response_tokens += int((kinds == RESPONSE).sum())
     if pairs and not examples:

@@ -382,7 +382,7 @@ def _kernel_call(name, q_bthd, blocks, window, windows, chunk):
     if len(windows) == 1:
         if not isinstance(windows[0], int):
             raise ValueError("attention kernels need the static windows the layers use (windows=...)")
-        pick = lambda fn, *a: fn(windows[0], *a)  # noqa: E731
+        pick = lambda fn, *a: fn(windows[0], *a)
     else:
         index = jnp.searchsorted(jnp.asarray(windows), window)
 
@@ -394,9 +394,9 @@ def _kernel_call(name, q_bthd, blocks, window, windows, chunk):
         seg = jnp.where(vis.k_valid, 1 if seg is None else seg, 0)
     if name == "splash":
         interpret = jax.default_backend() != "tpu"
-        fn = lambda w, q, k, v, seg: _splash(q, k, v, seg, w, interpret)  # noqa: E731
+        fn = lambda w, q, k, v, seg: _splash(q, k, v, seg, w, interpret)
         return _on_mesh(lambda q, k, v, seg: pick(fn, q, k, v, seg), q_bthd, k, v, seg, kv_heads=k.shape[1])
-    fn = lambda w, q, k, v, seg: _cudnn_or_chunked(q, k, v, seg, w, chunk)  # noqa: E731
+    fn = lambda w, q, k, v, seg: _cudnn_or_chunked(q, k, v, seg, w, chunk)
     return _on_mesh(lambda q, k, v, seg: pick(fn, q, k, v, seg), q_bthd, k, v, seg, kv_heads=k.shape[1])
 
 
@@ -416,7 +416,7 @@ def _on_mesh(fn, q, k, v, seg, kv_heads):
     out_spec = P(batch, None, heads)
     if seg is None:
         specs, args = (q_spec, kv_spec, kv_spec), (q, k, v)
-        body = lambda q, k, v: fn(q, k, v, None)  # noqa: E731
+        body = lambda q, k, v: fn(q, k, v, None)
     else:
         specs, args, body = (q_spec, kv_spec, kv_spec, seg_spec), (q, k, v, seg), fn
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import evaluate as jeval
+from jft import metrics as jmetrics
 from jft import partition, sharding
 from jft.config import ConfigError
 from jft.losses import chunked_distillation_loss
@@ -146,7 +146,7 @@ class Distill(SFT):
     def summarize(self, sums):
         out = per_weight(sums)
         out["loss"] = sums["loss_sum"] / max(sums["weight_sum"], 1e-9)
-        out["perplexity"] = jeval.perplexity(out["ce"])
+        out["perplexity"] = jmetrics.perplexity(out["ce"])
         return out
 
     def make_step(self, model, train_step, put, tokenizer):

@@ -89,7 +89,7 @@ def ppo_loss(
         value_sum, _, value_clipped = pg.clipped_value_loss(
             values, batch["old_values"], batch["returns"], mask, settings.cliprange_value
         )
-        masked = lambda x: jnp.sum(jnp.where(mask, x, 0.0))  # noqa: E731
+        masked = lambda x: jnp.sum(jnp.where(mask, x, 0.0))
         policy_sum = masked(per_token)
         loss_sum, weight_sum = policy_sum + settings.vf_coef * value_sum, jnp.sum(mask, dtype=jnp.float32)
         if rng is not None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft import data as jdata
-from jft import evaluate as jeval
+from jft import metrics as jmetrics
 from jft import partition, sharding
 from jft.losses import chunked_cross_entropy, token_log_probs
 from jft.objectives.base import Objective, hidden_states, model_params, per_weight
@@ -85,7 +85,7 @@ class SFT(Objective):
 
     def summarize(self, sums):
         loss = sums["loss_sum"] / max(sums["weight_sum"], 1e-9)
-        return {"loss": loss, "perplexity": jeval.perplexity(loss), **per_weight(sums)}
+        return {"loss": loss, "perplexity": jmetrics.perplexity(loss), **per_weight(sums)}
 
     def extra_eval(self, model, params, tokenizer, records):
         cfg = self.cfg
@@ -128,7 +128,7 @@ def generations(model, params, tokenizer, pairs, template, eval_cfg) -> dict:
             refs.append(rendered[1])
     preds = []
     if prompts:
-        preds = jeval.generate_predictions(
+        preds = jmetrics.generate_predictions(
             model,
             model_params(params),
             tokenizer,
@@ -144,7 +144,7 @@ def generation_metrics(generated: dict, eval_cfg) -> dict:
     prompts, refs, preds = generated["prompts"], generated["references"], generated["predictions"]
     if not prompts:
         return {}
-    out = jeval.text_metrics(preds, refs, names=tuple(eval_cfg.metrics))
+    out = jmetrics.text_metrics(preds, refs, names=tuple(eval_cfg.metrics))
     out["examples"] = [
         {"prompt": p, "reference": r, "prediction": y} for p, r, y in list(zip(prompts, refs, preds, strict=True))[:5]
     ]
@@ -173,29 +173,32 @@ def token_nll(model: Any) -> Callable:
 
 
 def example_rows(cfg, pairs, tokenizer, vocab: int) -> tuple[list[int], list[int], list]:
-    """``(index, prompt_lengths, examples)``: each record of ``pairs`` kept by :func:`tokenize`'s
-    rules (truncate or drop, drop when nothing carries loss) as one example, with its position in
+    """``(index, prompt_lengths, examples)``: each record of ``pairs`` that training keeps
+    (:func:`jft.data.pipeline.encode_example`: truncated or dropped as ``data.overlong`` says,
+    dropped when nothing carries loss) as one example, with its position in
     ``pairs`` and its prompt length: its tokens that are not response (BOS, prompt; for chat the
     non-assistant turns)."""
-    from jft.data.formats import RESPONSE, encode_kinds
+    from jft.data.formats import RESPONSE
+    from jft.data.pipeline import encode_example
 
     d = cfg.data
-    table = np.array([0.0, d.prompt_loss_weight, d.response_loss_weight], np.float32)
-    template = jdata.TEMPLATES[d.template]
     index, lengths, examples = [], [], []
     for i, (where, record) in enumerate(pairs):
-        ids, kinds = encode_kinds(record, tokenizer, template=template, fmt=d.format, where=where)
-        if len(ids) > d.seq_len + 1:
-            if d.overlong == "drop":
-                continue
-            ids, kinds = ids[: d.seq_len + 1], kinds[: d.seq_len + 1]
-        kinds = np.asarray(kinds, np.int64)
-        weights = table[kinds]
-        if weights[1:].sum() <= 0 or max(ids, default=0) >= vocab:
-            continue
-        index.append(i)
-        lengths.append(int((kinds != RESPONSE).sum()))
-        examples.append((np.asarray(ids, np.int32), weights))
+        ids, kinds, weights, _, drop = encode_example(
+            where,
+            record,
+            tokenizer,
+            vocab_size=vocab,
+            max_length=d.seq_len,
+            overlong=d.overlong,
+            template=jdata.TEMPLATES[d.template],
+            weights=(d.prompt_loss_weight, d.response_loss_weight),
+            fmt=d.format,
+        )
+        if drop is None:
+            index.append(i)
+            lengths.append(int((kinds != RESPONSE).sum()))
+            examples.append((ids, weights))
     return index, lengths, examples
 
 
@@ -246,17 +249,17 @@ def slice_report(model, params, tokenizer, pairs, cfg, train_counts=None, genera
     gen_at = {r: j for j, r in enumerate(generated["index"])} if generated and generated["index"] else {}
     metric_fns = {}
     if gen_at:
-        metric_fns = jeval.metric_statistics(generated["predictions"], generated["references"], tuple(e.metrics))
+        metric_fns = jmetrics.metric_statistics(generated["predictions"], generated["references"], tuple(e.metrics))
 
     def summary(members: np.ndarray, ls: np.ndarray, w: np.ndarray, tokens: int, texts: bool = True) -> dict:
         """Slice of the examples ``members`` with per-example loss sums ``ls`` and weights ``w``."""
-        ratio = lambda idx: float(ls[idx].sum() / max(w[idx].sum(), 1e-9))  # noqa: E731
+        ratio = lambda idx: float(ls[idx].sum() / max(w[idx].sum(), 1e-9))
         loss = stats.bootstrap_interval(ratio, n=len(members), **boot)
         out = {
             "count": len(members),
             "tokens": tokens,
             "loss": _interval(*loss),
-            "perplexity": _interval(*(jeval.perplexity(x) for x in loss)),
+            "perplexity": _interval(*(jmetrics.perplexity(x) for x in loss)),
             "example_loss": _interval(*stats.mean_interval(ls / np.maximum(w, 1e-9))),
         }
         gen = np.array([gen_at[index[m]] for m in members if index[m] in gen_at], np.int64)

@@ -21,7 +21,7 @@ from jft.train.state import TrainState
 class Checkpoints:
     def __init__(self, root: str | os.PathLike, keep: int):
         root = epath.Path(root).absolute()
-        opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, enable_async_checkpointing=True)  # noqa: E731
+        opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, enable_async_checkpointing=True)
         self.directory = root / "ckpt"
         self.last = ocp.CheckpointManager(self.directory, options=opts(max(keep, 1)))
         self.best = ocp.CheckpointManager(root / "best", options=opts(1))

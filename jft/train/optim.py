@@ -202,7 +202,7 @@ def in_dtype(inner: optax.GradientTransformation, dtype: Any) -> optax.GradientT
     """``inner`` run on ``dtype`` copies of the params and updates, so the state it creates with
     ``zeros_like(params)`` (Adam's ``nu``) is in ``dtype``; its updates come out in ``dtype``."""
     dtype = jnp.dtype(dtype)
-    cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)  # noqa: E731
+    cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
 
     def init_fn(params):
         return inner.init(cast(params))

@@ -2,7 +2,9 @@
 
 ``config.task`` picks the objective (:data:`jft.objectives.TASKS`), which supplies its rows, its
 loss, its evaluation and its export (:class:`jft.objectives.Objective`); everything else is here.
-Sections: Config, Tokenizer, Data, Model, Optimizer, Step, Checkpoint, Loop, Export.
+``fit`` reads top to bottom: objective, records, tokenizer, mesh, model, checkpoints, optimizer,
+the jitted step (:mod:`jft.train.step`), the loop, final evaluation and export; the pieces it calls
+follow it. From ``jft train`` to the step: jft/cli.py -> this file -> jft/train/step.py.
 Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/ (Orbax;
 or under ``train.checkpoint_dir``, e.g. a gs:// bucket on a pod, with a copy of config.json),
 metrics.jsonl, tb/ (TensorBoard), loss.png, report.json, slices.json + slices.png (eval.slices)
@@ -28,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from jft import data as jdata
-from jft import evaluate as jeval
+from jft import metrics as jmetrics
 from jft import partition, peft, sharding
 from jft.config import ConfigDict, ConfigError, check, default_config, resolve_compute_dtype, to_json
 from jft.hf import load_hf, load_tokenizer
@@ -40,6 +42,7 @@ from jft.train.checkpoint import Checkpoints
 from jft.train.optim import optimizer_from_config
 from jft.train.state import TrainState
 from jft.train.step import make_eval_step, make_train_step
+from jft.tree import flat
 
 # Changing these between a run and its resumption would change what the run trains on.
 PEFT_METHODS = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt")
@@ -257,13 +260,13 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     if main:  # merging and writing run on the host CPU: an accelerator may not hold the whole model
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             objective.export(model, params, tokenizer, workdir, report)
-            jeval.write_report(workdir / "report.json", report)
+            jmetrics.write_report(workdir / "report.json", report)
             _plot(workdir)
     _log(main, f"after fine-tuning: {_fmt(after)}")
     if main and slices_file.exists() and cfg.eval.slices:
         slices = json.loads(slices_file.read_text())
-        jeval.slice_plot(slices, workdir / "slices.png")
-        _log(main, jeval.slice_table(slices))
+        jmetrics.slice_plot(slices, workdir / "slices.png")
+        _log(main, jmetrics.slice_table(slices))
     return report
 
 
@@ -293,7 +296,7 @@ def evaluate(
         cfg = copy.deepcopy(config)
         cfg.eval.slices = True  # the paired comparison needs each record's own loss
     objective = _objective(cfg)
-    load = lambda path: load_hf(  # noqa: E731
+    load = lambda path: load_hf(
         path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg), **objective.model_overrides
     )
     ref_params = load(reference)[1] if reference else None
@@ -318,18 +321,18 @@ def evaluate(
         if not slices or not before.get("slices"):
             raise ConfigError(f"jft eval --baseline compares per-record losses, which task={cfg.task} does not report")
         slices = {"before": before.pop("slices"), "after": slices}
-        slices["comparison"] = report["comparison"] = jeval.compare_losses(
+        slices["comparison"] = report["comparison"] = jmetrics.compare_losses(
             slices["before"], slices["after"], cfg.eval.bootstrap_resamples, cfg.eval.seed
         )
         report["baseline"] = {"model": str(baseline), **before}
     if slices:  # beside the report: out.json -> out.slices.json (and out.slices.png with a baseline)
-        report["slices"] = str(jeval.write_report(Path(out).with_suffix(".slices.json"), slices))
+        report["slices"] = str(jmetrics.write_report(Path(out).with_suffix(".slices.json"), slices))
         if baseline:
-            jeval.slice_plot(slices, Path(out).with_suffix(".slices.png"))
-        print(jeval.slice_table(slices), flush=True)
+            jmetrics.slice_plot(slices, Path(out).with_suffix(".slices.png"))
+        print(jmetrics.slice_table(slices), flush=True)
     given = {"adapter": adapter, "reference": reference}
     report.update(model=str(model_path), data=stats, **{k: str(v) for k, v in given.items() if v})
-    jeval.write_report(Path(out), report)
+    jmetrics.write_report(Path(out), report)
     return report
 
 
@@ -356,7 +359,7 @@ def _objective(cfg) -> Objective:
 
 def _records(cfg):
     """(train, validation) lists of (where, record): data.validation, or a seeded held-out share."""
-    load = lambda source: jdata.load_records(source, split=cfg.data.split, data_dir=cfg.data.data_dir or None)  # noqa: E731
+    load = lambda source: jdata.load_records(source, split=cfg.data.split, data_dir=cfg.data.data_dir or None)
     train = load(cfg.data.train)
     if cfg.data.validation:
         return train, load(cfg.data.validation)
@@ -368,10 +371,10 @@ def _tokenizer(cfg, workdir: Path, train_pairs):
     if saved.is_dir():
         return load_tokenizer(saved)
     if cfg.tokenizer.train_on_data:
-        from jft.tokenizer import train_word_tokenizer
+        from jft.tokenizer import train_bpe_tokenizer
 
         texts = [v for _, r in train_pairs for v in _strings(r)]
-        tokenizer = train_word_tokenizer(texts)
+        tokenizer = train_bpe_tokenizer(texts)
     else:
         source = cfg.tokenizer.path or cfg.model.path
         tokenizer = load_tokenizer(source) if source else None
@@ -482,11 +485,11 @@ def _check_resume(cfg, workdir: Path, ckpts: Checkpoints) -> None:
                 "back there, or point train.checkpoint_dir (or the workdir) elsewhere for a new run."
             )
         # A key the saved config lacks (added to the schema since) counts as its default.
-        old = {**_flat(json.loads(to_json(default_config()))), **_flat(json.loads(saved.read_text()))}
-        now = _flat(new)
+        old = {**flat(json.loads(to_json(default_config())), "."), **flat(json.loads(saved.read_text()), ".")}
+        now = flat(new, ".")
         # The compute dtype is compared as resolved ("auto" on a CPU is the "" = float32 of older runs).
-        for flat in (old, now):
-            flat["model.compute_dtype"] = _resolved_compute_dtype(flat)
+        for keys in (old, now):
+            keys["model.compute_dtype"] = _resolved_compute_dtype(keys)
         changed = sorted(k for k in now if now.get(k) != old.get(k))
         fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME)]
         if fixed:
@@ -509,13 +512,6 @@ def _resolved_compute_dtype(flat: dict) -> str:
     return resolve_compute_dtype(ConfigDict({"model": model}))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _write_slices(path: Path, when: str, slices: dict, eval_cfg) -> None:
     """workdir/slices.json: the slice reports ``before`` and ``after`` fine-tuning and, once both
     are there, ``comparison``: the paired bootstrap of the loss change (a resumed run reads the
@@ -523,10 +519,10 @@ def _write_slices(path: Path, when: str, slices: dict, eval_cfg) -> None:
     report = json.loads(path.read_text()) if when == "after" and path.exists() else {}
     report[when] = slices
     if report.get("before") and report.get("after"):
-        report["comparison"] = jeval.compare_losses(
+        report["comparison"] = jmetrics.compare_losses(
             report["before"], report["after"], eval_cfg.bootstrap_resamples, eval_cfg.seed
         )
-    jeval.write_report(path, report)
+    jmetrics.write_report(path, report)
 
 
 def _flush(pending: list, ckpt_dir, last_saved) -> dict:
@@ -560,7 +556,7 @@ class _Writer:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(workdir / "tb"))
-            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.main:

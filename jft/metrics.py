@@ -120,32 +120,6 @@ def text_metrics(
     return out
 
 
-def text_metrics_by_slice(
-    predictions: Sequence[str],
-    references: Sequence[str],
-    slice_keys: Sequence[str],
-    names: Sequence[str] = ("bleu", "chrf", "rouge", "exact_match"),
-) -> dict[str, dict[str, float]]:
-    """:func:`text_metrics` per slice (e.g. per task or per length bucket), plus each slice's ``count``.
-
-    ``slice_keys[i]`` names the slice of example ``i``; slices come back in sorted order.
-    """
-    if not len(predictions) == len(references) == len(slice_keys):
-        raise ValueError(
-            f"{len(predictions)} predictions, {len(references)} references and {len(slice_keys)} slice keys; "
-            "need one each"
-        )
-    groups: dict[str, list[int]] = {}
-    for i, key in enumerate(slice_keys):
-        groups.setdefault(key, []).append(i)
-    out = {}
-    for key in sorted(groups):
-        idx = groups[key]
-        scores = text_metrics([predictions[i] for i in idx], [references[i] for i in idx], names)
-        out[key] = {**scores, "count": len(idx)}
-    return out
-
-
 def metric_statistics(
     predictions: Sequence[str],
     references: Sequence[str],
@@ -221,7 +195,8 @@ def generate_predictions(
 
     Raises ValueError when a prompt encodes to no tokens at all.
     """
-    from jft.generate import generate
+    from jft.data.formats import prompt_ids
+    from jft.generate import generate, left_pad
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -233,28 +208,17 @@ def generate_predictions(
     else:
         eos_ids = [int(i) for i in np.atleast_1d(eos_token_id)]
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    bos = tokenizer.bos_token_id
-
     rows = []
     for i, prompt in enumerate(prompts):
-        ids = list(tokenizer.encode(prompt, add_special_tokens=False))
-        if bos is not None and ids[:1] != [bos]:  # a chat template may have written BOS already
-            ids = [bos, *ids]
+        ids = prompt_ids(prompt, tokenizer)  # BOS once: a chat template may have written it already
         if not ids:
             raise ValueError(f"prompt {i} encodes to no tokens; generation needs at least one")
         rows.append(ids)
 
     predictions = []
     for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        real = len(batch)
-        batch = batch + [batch[-1]] * (batch_size - real)
-        width = max(len(r) for r in batch)
-        ids_bt = np.full((batch_size, width), pad_id, np.int32)  # [batch, length], left-padded
-        mask_bt = np.zeros((batch_size, width), bool)
-        for row, ids in enumerate(batch):
-            ids_bt[row, width - len(ids) :] = ids
-            mask_bt[row, width - len(ids) :] = True
+        real = len(rows[start : start + batch_size])
+        ids_bt, mask_bt = left_pad(rows[start : start + batch_size], pad_id, batch_size)  # [batch, length]
         out_bn = generate(
             model,
             params,
