@@ -121,7 +121,7 @@ def jft_side(mode: str, args) -> dict:
     def rollout(state, i):
         """One rollout of the i-th B prompts: (train batch, sampling s, rollout s, completion tokens)."""
         prompt_ids = np.repeat(np.asarray(prompts[i * B : (i + 1) * B], np.int32), G, axis=0)
-        params = partition.merge(state.trainable, state.frozen)
+        params = partition.join(state.trainable, state.frozen)
         key = jax.random.fold_in(jax.random.key(3), i)
         start = time.perf_counter()
         comps = np.asarray(generate(model, params, prompt_ids, C, rng=key, temperature=1.0, eos_token_id=()))

@@ -186,7 +186,7 @@ class JftSide:
         """The step's loss sum (``token_loss``, training mode), or the same with whole logits."""
         if not self.plain_head:
             return self.loss_fn(trainable, frozen, micro, jax.random.key(1))[0]
-        params = partition.merge(trainable, frozen)
+        params = partition.join(trainable, frozen)
         hidden = self.model.apply(
             {"params": params},
             micro["input_ids"],

@@ -2,7 +2,7 @@
 
 Parameter paths map to HF tensor names by a plain rule (``model/layers/mlp/up_proj/kernel``
 at layer 3 is ``model.layers.3.mlp.up_proj.weight``, transposed), so the same map serves
-every module that later issues add. Only safetensors is read: jft never unpickles.
+every module of the model, with no table to keep up. Only safetensors is read: jft never unpickles.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jft.models.llama import LlamaConfig, LlamaForCausalLM
 from jft.models.peft_spec import LAYER_LINEARS
 from jft.quant import QuantizedWeight, dequantize
 from jft.safetensors_io import CheckpointError
-from jft.safetensors_io import atomic_write as _atomic  # noqa: F401 - jft.peft.hf_format imports it from here
+from jft.tree import get_path, set_path, walk
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 _ARCHITECTURES = {
@@ -216,26 +216,6 @@ def _stacked_axes(path: tuple[str, ...]) -> int:
     return ("layers" in path[:-1]) + ("experts" in path[:-1])
 
 
-def _flat(tree: dict, prefix: tuple[str, ...] = ()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
-
-
-def _at(tree: dict, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 # ---------------------------------------------------------------------------- load
 
 
@@ -387,17 +367,17 @@ def load_hf(
                     buf.append(jax.device_get(jft_quant.quantize(w, quantize, block_size, double_quant)))
                     continue
                 rows[i if stacked else 0] = tensor.T if path_[-1] == "kernel" else tensor
-            where = None if shardings is None else _at(shardings, path_)
+            where = None if shardings is None else get_path(shardings, path_)
             if quantized_kernel:
                 buf = jax.tree.map(lambda *x: np.stack(x), *buf) if stacked else buf[0]
                 if mesh is not None:
                     where = jft_sharding.quantized_sharding(buf, mesh, rules, "/".join(path_))
             return jax.block_until_ready(jax.device_put(buf, where))  # placed before buf is released
 
-        for path_, spec in _flat(model.param_shapes()):
+        for path_, spec in walk(model.param_shapes()):
             if path_ == ("score", "kernel") and "score.weight" not in files:
                 continue  # a classifier started from a causal LM folder: its score head is new
-            _set(params, path_, read(path_, spec))
+            set_path(params, path_, read(path_, spec))
     if cfg.num_labels and "score" not in params:
         shape = model.param_shapes()["score"]["kernel"]
         score = 0.02 * jax.random.normal(jax.random.key(0), shape.shape, jnp.float32)
@@ -475,7 +455,7 @@ def save_hf(
     cfg = model.config
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    leaves = list(_flat(params))
+    leaves = list(walk(params))
     dtype = dtype or str(jnp.dtype(leaves[0][1].dtype))  # the embedding table's (never quantized)
     if dtype not in _DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {list(_DTYPES)}")

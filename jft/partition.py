@@ -102,7 +102,7 @@ def labels(params: Mapping, rules: Rules, num_layers: int | None = None) -> dict
 
 
 def split(params: Mapping, labels: Mapping) -> tuple[dict, dict]:
-    """``(trainable, frozen)``: two nested dicts that hold each leaf once (``merge`` undoes it).
+    """``(trainable, frozen)``: two nested dicts that hold each leaf once (``join`` undoes it).
 
     A stacked leaf with some trainable layers goes to ``trainable``. Subtrees with no leaf
     left are dropped, so e.g. ``frozen`` is ``{}`` under full fine-tuning.
@@ -113,7 +113,7 @@ def split(params: Mapping, labels: Mapping) -> tuple[dict, dict]:
     return trainable, frozen
 
 
-def merge(trainable: Mapping, frozen: Mapping) -> dict:
+def join(trainable: Mapping, frozen: Mapping) -> dict:
     """The full params tree from its two halves. Raises ValueError if a leaf is in both."""
     params: dict = {}
     for tree in (trainable, frozen):

@@ -179,7 +179,7 @@ class ShardWriter:
         if self.file is None:  # the first tensor of the next shard: its header first
             shard = self.shards[len(self.files)]
             self.files.append(self.out / f".shard-{len(self.files):05d}.tmp")
-            self.file = open(self.files[-1], "wb")  # noqa: SIM115 - closed with the shard's last tensor
+            self.file = open(self.files[-1], "wb")
             self.file.write(_header_bytes(shard))
             self.left = len(shard)
         self.file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)

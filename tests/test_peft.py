@@ -282,7 +282,7 @@ def test_lora_on_mixtral_experts_trains_and_folds(moe_base, tmp_path):
         tree.set_path(params, path, leaf + 0.1 * rng.standard_normal(leaf.shape, np.float32))
     trainable, frozen = jft.partition.split(params, labels)
     g = rng.standard_normal((*x.shape, CFG.vocab_size), np.float32)
-    grads = jax.jit(jax.grad(lambda t: jnp.sum(model.apply({"params": jft.partition.merge(t, frozen)}, x) * g)))
+    grads = jax.jit(jax.grad(lambda t: jnp.sum(model.apply({"params": jft.partition.join(t, frozen)}, x) * g)))
     grads = grads(trainable)["model"]["layers"]["block_sparse_moe"]["experts"]
     for name in ("w1", "w2", "w3"):
         for leaf in ("lora_a", "lora_b"):
@@ -319,10 +319,9 @@ def test_expert_targets_need_experts():
         jft.LlamaForCausalLM(MOE, peft.Peft(lora=peft.Lora(dora=True, targets=("w2",))))
 
 
-def test_specs_from_the_config_match_the_trainers():
-    """``peft.from_config`` (each family's ``from_config``) builds the trainer's spec."""
+def test_specs_from_the_config():
+    """``peft.from_config`` (each family's ``from_config``) builds the spec the config describes."""
     from jft.config import default_config
-    from jft.train.trainer import _peft_spec
 
     cfg = default_config()
     cfg.peft.methods = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt")
@@ -335,6 +334,16 @@ def test_specs_from_the_config_match_the_trainers():
         return {"input_ids": [3, 4] if not add_special_tokens else [1, 3, 4]}
 
     rules = (("score/.*", "trainable"),)
-    assert peft.from_config(cfg.peft, tokenizer, rules) == _peft_spec(cfg, tokenizer, rules)
+    spec = peft.from_config(cfg.peft, tokenizer, rules)
+    assert spec.lora == peft.Lora(
+        r=cfg.peft.lora.r, alpha=cfg.peft.lora.alpha, targets=("q_proj", "w1"), rank_pattern=(("q_proj", 2),)
+    )
+    assert spec.ia3 == peft.IA3() and spec.bitfit == peft.BitFit() and spec.adapter == peft.Adapter()
+    assert spec.prefix == peft.Prefix() and spec.prompt.init_token_ids == (3, 4)  # tokenized without BOS
+    assert spec.train == (("score/.*", "trainable"), ("lm_head/.*", "trainable"))
+    with pytest.raises(ValueError, match=r"unknown \['lorra'\]"):
+        cfg.peft.methods = ("lorra",)
+        peft.from_config(cfg.peft)
+    cfg.peft.methods = ("lora",)
     cfg.peft.lora.target_regex = r".*\.v_proj"
     assert peft.from_config(cfg.peft, tokenizer).lora.targets == r".*\.v_proj"

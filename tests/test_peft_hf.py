@@ -99,7 +99,7 @@ def perturbed(params, spec, seed=1):
     """The adapter leaves moved off their (often no-op) initial values."""
     adapter = jpeft.adapter_of(params, spec)
     rng = np.random.RandomState(seed)
-    out = partition.merge(params, {})
+    out = partition.join(params, {})
     for path, leaf in tree.walk(adapter):
         noise = rng.standard_normal(leaf.shape).astype(np.float32)
         scale = 0.3 if path[-1] in ("ia3", "lora_magnitude") else 0.1

@@ -171,11 +171,11 @@ def test_partition_rules_errors_and_summary(model_params):
     labels = partition.labels(params, (("model/embed_tokens/.*", "frozen"), *partition.FULL), 2)
     trainable, frozen = partition.split(params, labels)
     assert frozen == {"model": {"embed_tokens": params["model"]["embed_tokens"]}}
-    merged = partition.merge(trainable, frozen)
+    merged = partition.join(trainable, frozen)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a is b, merged, params)))
     with pytest.raises(ValueError, match="both"):
-        partition.merge(params, frozen)
+        partition.join(params, frozen)
     total = sum(x.size for x in jax.tree.leaves(params))
     embed = params["model"]["embed_tokens"]["embedding"].size
     assert f"{total - embed:,} / {total:,}" in partition.summary(params, labels)

@@ -98,7 +98,7 @@ def merge_moe(config: dict, out_dir: str | os.PathLike, seed: int = 0, max_shard
             for proj, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
                 name = f"model.layers.{i}.mlp.{proj}.weight"
                 shape, stored = sources[e["source_model"]].spec(name, dtype)
-                job = lambda e=e, n=name, p=proj: expert_weight(e, n, p)  # noqa: E731
+                job = lambda e=e, n=name, p=proj: expert_weight(e, n, p)
                 jobs.append((f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight", shape, stored, job))
         gate = gates[i].astype(dtype or np.float32)
         jobs.append((f"model.layers.{i}.block_sparse_moe.gate.weight", gate.shape, gate.dtype, lambda g=gate: g))

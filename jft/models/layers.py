@@ -65,7 +65,7 @@ def _qdense_fwd(x, q, dtype, out_dtype):
 
 def _qdense_bwd(dtype, out_dtype, q, g):
     dx = jnp.matmul(g.astype(dtype), dequantize_t(q, dtype), preferred_element_type=jnp.float32).astype(dtype)
-    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0) if a.dtype == np.uint8 else jnp.zeros_like(a)  # noqa: E731
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0) if a.dtype == np.uint8 else jnp.zeros_like(a)
     return dx, jax.tree.map(zero, q)
 
 
@@ -122,7 +122,7 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         p, dt = self.peft or LinearPeft(), self.dtype
         n_in = x.shape[-1]
-        param = lambda name, init, shape, axes: self.param(  # noqa: E731
+        param = lambda name, init, shape, axes: self.param(
             name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype
         )
         kernel = self.get_variable("params", "kernel")

@@ -156,7 +156,7 @@ class Attention(nn.Module):
         k = proj("k_proj", kv * d, ("embed", "kv_heads"), bias)(x).reshape(b, t, kv, d)
         v = proj("v_proj", kv * d, ("embed", "kv_heads"), bias)(x).reshape(b, t, kv, d)
         if cfg.qk_norm:
-            norm = lambda n: RMSNorm(cfg.rms_norm_eps, "head_dim", dt, pdt, name=n)  # noqa: E731
+            norm = lambda n: RMSNorm(cfg.rms_norm_eps, "head_dim", dt, pdt, name=n)
             q, k = norm("q_norm")(q), norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, head_dim]
@@ -232,7 +232,7 @@ class _ExpertLinear(nn.Module):
 
     @nn.compact
     def __call__(self, rows: Array, sizes: Array) -> Array:
-        param = lambda name, init, shape, axes: self.param(  # noqa: E731
+        param = lambda name, init, shape, axes: self.param(
             name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype
         )
         dt, (n, n_in, n_out) = self.dtype, self.shape
@@ -337,7 +337,7 @@ class DecoderLayer(nn.Module):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         window, kv_cache, prefix_kv = xs
         self.sow("intermediates", "hidden", x)  # this layer's input (HF's hidden_states[layer]); kept only if asked
-        norm = lambda n: RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name=n)  # noqa: E731
+        norm = lambda n: RMSNorm(cfg.rms_norm_eps, "embed", dt, pdt, name=n)
         attn = Attention(cfg, self.peft, name="self_attn")
         h, new_kv = attn(norm("input_layernorm")(x), cos, sin, visibility, window, kv_cache, prefix_kv)
         if adapter is not None and adapter.kind == "houlsby":
@@ -587,7 +587,7 @@ class LlamaForCausalLM(nn.Module):
         With ``shardings`` (:func:`jft.sharding.param_shardings`) each device creates only its
         own shards: the whole model is never on one device. The values do not depend on them.
         """
-        init = lambda rng: nn.unbox(self.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])  # noqa: E731
+        init = lambda rng: nn.unbox(self.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
         return jax.jit(init, out_shardings=shardings)(rng)
 
     def param_shapes(self) -> dict:

@@ -50,7 +50,7 @@ def distill_loss(
     data); ``tokens``."""
 
     def loss_fn(trainable, frozen, batch, rng):
-        params = partition.merge(trainable, frozen)
+        params = partition.join(trainable, frozen)
         student, teacher_params = model_params(params), params[TEACHER]
         train, inputs = rng is not None, _inputs(batch)
         with sharding.scope(mesh, rules):
@@ -169,7 +169,7 @@ class Distill(SFT):
             chosen = np.asarray(jax.random.choice(pick, len(self.prompt_rows), (n,)))
             prompt_ids = np.stack([self.prompt_rows[i]["prompt_ids"] for i in chosen])
             prompt_mask = np.stack([self.prompt_rows[i]["prompt_mask"] for i in chosen])
-            params = model_params(partition.merge(state.trainable, state.frozen))
+            params = model_params(partition.join(state.trainable, state.frozen))
             comps = generate(
                 model,
                 params,

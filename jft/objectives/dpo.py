@@ -78,7 +78,7 @@ def dpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.
     ref_model, ref_params_of = reference_of(model)
 
     def loss_fn(trainable, frozen, batch, rng):
-        params = partition.merge(trainable, frozen)
+        params = partition.join(trainable, frozen)
         policy = model_params(params)
         with sharding.scope(mesh, rules):
             logp, count, collections = response_log_probs(model, policy, batch, rng)

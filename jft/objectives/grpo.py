@@ -40,7 +40,7 @@ def grpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding
     eps_high = settings.epsilon_high or settings.epsilon
 
     def loss_fn(trainable, frozen, batch, rng):
-        params = partition.merge(trainable, frozen)
+        params = partition.join(trainable, frozen)
         policy = model_params(params)
         with sharding.scope(mesh, rules):
             (logp, entropy), collections = completion_log_probs(

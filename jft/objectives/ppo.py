@@ -72,7 +72,7 @@ def ppo_loss(
     separate critic (:func:`policy_and_values`); None = the value head on the policy trunk."""
 
     def loss_fn(trainable, frozen, batch, rng):
-        params = partition.merge(trainable, frozen)
+        params = partition.join(trainable, frozen)
         with sharding.scope(mesh, rules):
             (logp, entropy), values, collections = policy_and_values(
                 model, params, batch, settings.temperature, rng, with_entropy=True, critic=critic

@@ -36,7 +36,7 @@ def bradley_terry_loss(
     real tokens of both sides."""
 
     def loss_fn(trainable, frozen, batch, rng):
-        params = partition.merge(trainable, frozen)
+        params = partition.join(trainable, frozen)
         with sharding.scope(mesh, rules):
             scores, collections = pair_scores(model, params, batch, rng)
         chosen, rejected = scores[:, 0], scores[:, 1]

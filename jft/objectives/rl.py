@@ -336,7 +336,7 @@ class RLObjective(Objective):
 
         def step(state, rows, step):
             start = time.perf_counter()
-            params = partition.merge(state.trainable, state.frozen)
+            params = partition.join(state.trainable, state.frozen)
             sampled = self.sample(model, params, rows, "train", jax.random.fold_in(jax.random.key(seed + 2), step))
             batch, info = self.train_rows(params, sampled)
             rollout_s = time.perf_counter() - start

@@ -33,7 +33,7 @@ def token_loss(model: Any, mesh: Any = None, rules: Any = sharding.DEFAULT_RULES
     """
 
     def loss_fn(trainable: Mapping, frozen: Mapping, batch: Batch, rng: jax.Array | None):
-        params = partition.merge(trainable, frozen)
+        params = partition.join(trainable, frozen)
         train = rng is not None
         with sharding.scope(mesh, rules):
             hidden, collections = hidden_states(

@@ -64,7 +64,7 @@ def inject(model: Any, params: Mapping, spec: Peft, rng: jax.Array) -> tuple[Any
         return {"/".join(p): tree.get_path(init, p) for p in new_paths}
 
     new = jax.jit(fresh)(rng)
-    out = partition.merge(params, {})
+    out = partition.join(params, {})
     for path in new_paths:
         tree.set_path(out, path, new["/".join(path)])
     for method in new_model.peft.present():
@@ -103,7 +103,7 @@ def attach(base_model: Any, base_params: Mapping, spec: Peft, adapter: Mapping) 
     """
     model = build(base_model, spec)
     shapes = model.param_shapes()
-    params = partition.merge(base_params, {})
+    params = partition.join(base_params, {})
     for path, leaf in tree.walk(adapter):
         name = "/".join(path)
         if not tree.has_path(shapes, path):
@@ -128,7 +128,7 @@ def fold(model: Any, params: Mapping) -> tuple[Any, dict]:
     then names them). (``jft.merge`` is another thing: merging whole models.)
     """
     spec, cfg = model.peft, model.config
-    out = partition.merge(params, {})
+    out = partition.join(params, {})
     for name in linears(cfg.num_local_experts):
         layer = spec.linear(name)
         if layer is None:

@@ -34,11 +34,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jft import tree
-from jft.hf import CheckpointError, _atomic
+from jft.hf import CheckpointError
 from jft.models.peft_spec import Peft
 from jft.peft import core, native
 from jft.peft.registry import BY_PEFT_TYPE
 from jft.peft.table import PREFIX as _PREFIX
+from jft.safetensors_io import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -100,8 +101,8 @@ def save_adapter(
             value = _host(tree.get_path(params, path))
             tensors[_PREFIX + name] = value.T if transpose else value
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    _atomic(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(body + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(body + "\n"))
     return out
 
 

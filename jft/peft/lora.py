@@ -456,7 +456,7 @@ def combine_lora(
     new_rank = {"cat": sum(s.linear(targets[0]).r for s in specs), "svd": rank, "ties_svd": rank}.get(method)
     new_rank = new_rank or max(ranks)
     base_model, base = models[0]
-    out_params = partition.merge(base, {})
+    out_params = partition.join(base, {})
     for name in targets:
         scales = [s.linear(name).scale for s in specs]
         a = [module(p, name)["lora_a"].astype(jnp.float32) for _, p in models]

@@ -40,5 +40,5 @@ class TrainState:
 
     @property
     def params(self) -> dict:
-        """The full parameter tree (``partition.merge(trainable, frozen)``)."""
-        return partition.merge(self.trainable, self.frozen)
+        """The full parameter tree (``partition.join(trainable, frozen)``)."""
+        return partition.join(self.trainable, self.frozen)

@@ -45,7 +45,6 @@ from jft.train.step import make_eval_step, make_train_step
 from jft.tree import flat
 
 # Changing these between a run and its resumption would change what the run trains on.
-PEFT_METHODS = ("lora", "ia3", "bitfit", "adapter", "prefix", "prompt")
 _FIXED_ON_RESUME = ("model.", "tokenizer.", "data.", "peft.", "train.seed", "train.batch_size", "train.rules")
 _FIXED_ON_RESUME += ("optim.mu_dtype", "optim.nu_dtype", "optim.bf16_update")  # the optimizer state's layout
 
@@ -149,13 +148,13 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     step_fn = objective.make_step(model, train_step, put, tokenizer)
 
     def validate(state) -> dict:
-        params = partition.merge(state.trainable, state.frozen)
+        params = partition.join(state.trainable, state.frozen)
         return objective.validate(model, params, eval_step, val_rows, eval_sharding)
 
     slices_file = workdir / "slices.json"
 
     def generation_metrics(state, when: str) -> dict:
-        params = partition.merge(state.trainable, state.frozen)
+        params = partition.join(state.trainable, state.frozen)
         out = objective.extra_eval(model, params, tokenizer, val_pairs)
         slices = out.pop("slices", None)  # eval.slices: written apart, too big for the report
         if slices and main:
@@ -256,7 +255,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     }
     if cfg.eval.slices and slices_file.exists():
         report["slices"] = str(slices_file)
-    params = sharding.to_host(partition.merge(state.trainable, state.frozen))  # all processes take part
+    params = sharding.to_host(partition.join(state.trainable, state.frozen))  # all processes take part
     if main:  # merging and writing run on the host CPU: an accelerator may not hold the whole model
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             objective.export(model, params, tokenizer, workdir, report)
@@ -423,36 +422,11 @@ def _model(cfg, tokenizer, mesh, rules, objective_overrides):
 
 
 def _peft_spec(cfg, tokenizer, train_rules=()) -> peft.Peft:
-    """The :class:`jft.peft.Peft` that ``cfg.peft`` describes (ValueError/ConfigError when it is bad)."""
-    p = cfg.peft
-    unknown = sorted(set(p.methods) - set(PEFT_METHODS))
-    if unknown:
-        raise ConfigError(f"peft.methods: unknown {unknown}; choose from {PEFT_METHODS}")
+    """The :class:`jft.peft.Peft` that ``cfg.peft`` describes (ConfigError when it is bad)."""
     if tuple(cfg.train.rules) != tuple(tuple(r) for r in default_config().train.rules):
         raise ConfigError("train.rules and peft.methods both set: with PEFT, add extra rules in peft.train instead")
-    kw = {}
-    if "lora" in p.methods:
-        lora = p.lora.to_dict()
-        regex, targets = lora.pop("target_regex"), tuple(lora.pop("targets"))
-        lora["targets"] = regex or ("all-linear" if targets == ("all-linear",) else targets)
-        lora["rank_pattern"] = tuple(tuple(x) for x in lora["rank_pattern"])
-        lora["alpha_pattern"] = tuple(tuple(x) for x in lora["alpha_pattern"])
-        kw["lora"] = peft.Lora(**lora)
-    if "ia3" in p.methods:
-        kw["ia3"] = peft.IA3(targets=tuple(p.ia3.targets), feedforward=tuple(p.ia3.feedforward))
-    if "bitfit" in p.methods:
-        kw["bitfit"] = peft.BitFit(biases=tuple(p.bitfit.biases))
-    if "adapter" in p.methods:
-        kw["adapter"] = peft.Adapter(**p.adapter.to_dict())
-    if "prefix" in p.methods:
-        kw["prefix"] = peft.Prefix(**p.prefix.to_dict())
-    if "prompt" in p.methods:
-        ids = ()
-        if p.prompt.init == "text":
-            ids = tuple(tokenizer(p.prompt.init_text, add_special_tokens=False)["input_ids"])
-        kw["prompt"] = peft.Prompt(p.prompt.num_virtual_tokens, p.prompt.init, ids)
     try:
-        return peft.Peft(**kw, train=tuple(train_rules) + tuple(tuple(r) for r in p.train))
+        return peft.from_config(cfg.peft, tokenizer, train_rules)
     except ValueError as e:
         raise ConfigError(f"peft: {e}") from None
 
