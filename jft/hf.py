@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jft import quant as jft_quant
 from jft import safetensors_io as sio
@@ -487,7 +486,7 @@ def save_hf(
                 value = dequantize(value, jnp.float32)
             array = np.asarray(jax.device_get(value)).astype(np_dtype)
             tensors[name] = np.ascontiguousarray(array.T if path_[-1] == "kernel" else array)
-        sio.atomic_write(out / fname, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        sio.write_tensors(out / fname, tensors)
         del tensors
     index = out / sio.INDEX
     if n > 1:

@@ -23,6 +23,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -57,6 +58,25 @@ def atomic_write(target, write: Callable) -> None:
                 shutil.rmtree(tmp)
             elif tmp.exists():
                 tmp.unlink()
+
+
+# ---------------------------------------------------------------------------- whole files
+
+
+def write_tensors(file, tensors: dict[str, np.ndarray]) -> None:
+    """``tensors`` as one safetensors file (``format: pt`` metadata, as transformers and peft
+    expect), written atomically."""
+    atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def read_tensors(file) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file; :class:`CheckpointError` naming it when it is truncated,
+    corrupt or missing."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type: a truncated or corrupt file
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); save or download it again") from e
 
 
 # ---------------------------------------------------------------------------- shards

@@ -45,3 +45,17 @@ def test_atomic_write_replaces_whole_and_leaves_nothing_on_failure(tmp_path):
     np.testing.assert_array_equal(np.load(target)["x"], np.arange(3))
     sio.atomic_write(tmp_path / "folder", lambda tmp: (tmp.mkdir(), (tmp / "a.txt").write_text("a")))
     assert (tmp_path / "folder" / "a.txt").read_text() == "a"
+
+
+def test_whole_files_round_trip_and_a_truncated_one_is_named(tmp_path):
+    import ml_dtypes
+
+    tensors = {"a/b": np.arange(6, dtype=np.float32).reshape(2, 3), "c": np.ones(4, ml_dtypes.bfloat16)}
+    file = tmp_path / "adapter.safetensors"
+    sio.write_tensors(file, tensors)
+    back = sio.read_tensors(file)
+    assert back.keys() == tensors.keys() and all(np.array_equal(back[k], tensors[k]) for k in tensors)
+    assert back["c"].dtype == ml_dtypes.bfloat16
+    file.write_bytes(file.read_bytes()[:-5])
+    with pytest.raises(sio.CheckpointError, match=r"adapter\.safetensors: not a readable safetensors file"):
+        sio.read_tensors(file)

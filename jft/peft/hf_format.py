@@ -30,8 +30,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jft import tree
 from jft.hf import CheckpointError
@@ -39,7 +37,7 @@ from jft.models.peft_spec import Peft
 from jft.peft import core, native
 from jft.peft.registry import BY_PEFT_TYPE
 from jft.peft.table import PREFIX as _PREFIX
-from jft.safetensors_io import atomic_write
+from jft.safetensors_io import atomic_write, read_tensors, write_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -101,7 +99,7 @@ def save_adapter(
             value = _host(tree.get_path(params, path))
             tensors[_PREFIX + name] = value.T if transpose else value
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_tensors(out / WEIGHTS_NAME, tensors)
     atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(body + "\n"))
     return out
 
@@ -205,8 +203,7 @@ def load_adapter(model: Any, params: Mapping, adapter_dir: str | os.PathLike) ->
     except ValueError as e:
         raise CheckpointError(f"{config_file}: the adapter does not fit this model: {e}") from e
     shapes = new_model.param_shapes()
-    with safe_open(weights, framework="numpy") as f:
-        stored = {k: f.get_tensor(k) for k in f.keys()}
+    stored = read_tensors(weights)
     _check_base_copies(stored, params, cfg, str(weights))
     modules = _read_saved_modules(saved, shapes, stored, str(weights))
     adapter = _read(new_model, shapes, stored, str(weights))

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 
 from jft import tree
 from jft.hf import CheckpointError
 from jft.models.peft_spec import Peft
 from jft.peft.core import adapter_of, attach
 from jft.peft.registry import BY_NAME
-from jft.safetensors_io import atomic_write
+from jft.safetensors_io import atomic_write, read_tensors, write_tensors
 
 CONFIG = "jft_adapter.json"
 WEIGHTS = "adapter.safetensors"
@@ -30,7 +29,7 @@ def save_native(model: Any, params: Mapping, out_dir: str | os.PathLike) -> Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"/".join(p): np.asarray(x) for p, x in tree.walk(adapter_of(params, model.peft))}
-    atomic_write(out / WEIGHTS, lambda f: safetensors.numpy.save_file(tensors, f))
+    write_tensors(out / WEIGHTS, tensors)
     meta = {"format": "jft-adapter", "version": 1, "peft": spec_to_dict(model.peft)}
     atomic_write(out / CONFIG, lambda f: Path(f).write_text(json.dumps(meta, indent=2)))
     return out
@@ -48,7 +47,7 @@ def load_native(model: Any, params: Mapping, adapter_dir: str | os.PathLike) -> 
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG}: not a valid jft adapter config ({e})") from None
     adapter: dict = {}
-    for key, value in safetensors.numpy.load_file(folder / WEIGHTS).items():
+    for key, value in read_tensors(folder / WEIGHTS).items():
         tree.set_path(adapter, tuple(key.split("/")), value)
     try:
         return attach(model, params, spec, adapter)
