@@ -9,8 +9,8 @@ from test_data import CHAT, CHAT_TEMPLATE, INSTRUCTION, word_tokenizer
 
 import jft.data.cache as cache_mod
 from jft.data import ALPACA, SIMPLE, DataError, load_records, pack, tokenize_records
-from jft.data.formats import COMPACT
 from jft.data.cache import TokenCache, build_cache, pack_bounds
+from jft.data.formats import COMPACT
 from jft.tokenizer import train_bpe_tokenizer
 
 EN_FR = Path(cache_mod.__file__).parents[1] / "assets" / "en_fr.jsonl"
@@ -58,10 +58,10 @@ SETTINGS = dict(vocab_size=400, max_length=MAX_LENGTH, template=COMPACT, prompt_
 def test_examples_stats_and_rows_match_the_pipeline(tmp_path, bpe, pairs, overlong, prompt_loss_weight):
     kw = {**SETTINGS, "overlong": overlong, "prompt_loss_weight": prompt_loss_weight}
     want, stats = tokenize_records(pairs, bpe, **kw)
-    cache = build_cache(pairs, bpe, cache_root=tmp_path, shard_records=64, **kw)
+    cache = build_cache(pairs, bpe, cache_root=tmp_path, chunk_records=32, shard_tokens=3000, **kw)
     assert cache.stats == stats and stats.dropped > 0 and (stats.truncated > 0 or overlong == "drop")
     assert stats.no_loss > 0 or overlong == "drop"
-    assert len(cache) == len(want) and len(cache.manifest["shards"]) == 5
+    assert len(cache) == len(want) and len(cache.manifest["shards"]) >= 3
     same_examples(cache.examples(), want)
     for seq_len, packed in [(MAX_LENGTH, True), (MAX_LENGTH, False), (100, True)]:
         rows = pack(want, seq_len, packed=packed)
@@ -120,7 +120,7 @@ def test_any_change_gives_a_new_key(tmp_path, bpe, pairs):
 
 
 def test_damaged_cache_is_a_clear_error(tmp_path, bpe, pairs):
-    folder = build_cache(pairs, bpe, cache_root=tmp_path, shard_records=100, **SETTINGS).folder
+    folder = build_cache(pairs, bpe, cache_root=tmp_path, chunk_records=50, shard_tokens=3000, **SETTINGS).folder
     ids = folder / "shard-00001.ids.npy"
     ids.write_bytes(ids.read_bytes()[:-10])  # truncated
     with pytest.raises(DataError, match=r"shard-00001\.ids\.npy.*Delete the folder"):
@@ -134,8 +134,10 @@ def test_damaged_cache_is_a_clear_error(tmp_path, bpe, pairs):
 
 
 def test_two_processes_write_the_same_cache(tmp_path, bpe, pairs):
-    one = build_cache(pairs, bpe, cache_root=tmp_path / "one", shard_records=80, **SETTINGS)
-    two = build_cache(pairs, bpe, cache_root=tmp_path / "two", shard_records=80, num_proc=2, **SETTINGS)
+    one = build_cache(pairs, bpe, cache_root=tmp_path / "one", chunk_records=40, shard_tokens=4000, **SETTINGS)
+    two = build_cache(
+        pairs, bpe, cache_root=tmp_path / "two", chunk_records=40, shard_tokens=4000, num_proc=2, **SETTINGS
+    )
     assert one.folder.name == two.folder.name
     names = sorted(p.name for p in one.folder.iterdir())
     assert names == sorted(p.name for p in two.folder.iterdir())

@@ -125,15 +125,11 @@ def _init_worker(tokenizer, settings: dict) -> None:
     _WORKER.update(tokenizer=tokenizer, settings=settings)
 
 
-def _shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
-
-
-def _encode_shard(task: tuple[int, Sequence, str]) -> dict:
-    """Encode one shard of records and write its three arrays into ``folder``; its counts."""
-    index, pairs, folder = task
+def _encode_chunk(pairs: Sequence[tuple[str, dict]]) -> dict:
+    """Encode a chunk of records: the kept examples end to end (``ids``, ``kinds``), their lengths, the counts."""
     tokenizer, s = _WORKER["tokenizer"], _WORKER["settings"]
     weights = (s["prompt_loss_weight"], s["response_loss_weight"])
+    template = Template(**s["template"])
     stats, ids, kinds, lengths = Stats(), [], [], []
     for where, record in pairs:
         stats.records += 1
@@ -144,7 +140,7 @@ def _encode_shard(task: tuple[int, Sequence, str]) -> dict:
             vocab_size=s["vocab_size"],
             max_length=s["max_length"],
             overlong=s["overlong"],
-            template=Template(**s["template"]),
+            template=template,
             weights=weights,
             fmt=s["fmt"],
         )
@@ -158,15 +154,42 @@ def _encode_shard(task: tuple[int, Sequence, str]) -> dict:
         lengths.append(len(one_ids))
         stats.tokens += len(one_ids)
         stats.response_tokens += int((one_kinds == RESPONSE).sum())
-    arrays = {
+    return {
         "ids": np.concatenate(ids) if ids else np.zeros(0, np.int32),
         "kinds": np.concatenate(kinds) if kinds else np.zeros(0, np.uint8),
-        "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+        "lengths": np.asarray(lengths, np.int64),
+        "stats": stats,
     }
-    name = _shard_name(index)
-    for part, array in arrays.items():
-        np.save(Path(folder) / f"{name}.{part}.npy", array.astype(DTYPES[part]))
-    return {"index": index, "name": name, "examples": len(lengths), **dataclasses.asdict(stats)}
+
+
+class _Shards:
+    """Chunks in record order -> shard files of about ``shard_tokens`` tokens (a shard ends after
+    the chunk that reaches it), so the layout depends on the data and settings only."""
+
+    def __init__(self, folder: Path, shard_tokens: int):
+        self.folder, self.shard_tokens = folder, shard_tokens
+        self.shards, self.pending, self.tokens = [], [], 0
+
+    def add(self, chunk: dict) -> None:
+        self.pending.append(chunk)
+        self.tokens += len(chunk["ids"])
+        if self.tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"shard-{len(self.shards):05d}"
+        lengths = np.concatenate([c["lengths"] for c in self.pending])
+        arrays = {
+            "ids": np.concatenate([c["ids"] for c in self.pending]),
+            "kinds": np.concatenate([c["kinds"] for c in self.pending]),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]),
+        }
+        for part, array in arrays.items():
+            np.save(self.folder / f"{name}.{part}.npy", array.astype(DTYPES[part]))
+        self.shards.append({"name": name, "examples": len(lengths), "tokens": len(arrays["ids"])})
+        self.pending, self.tokens = [], 0
 
 
 class _Progress:
@@ -214,7 +237,8 @@ def build_cache(
     seq_len: int | None = None,
     packed: bool = True,
     num_proc: int = 1,
-    shard_records: int = 20_000,
+    chunk_records: int = 1024,
+    shard_tokens: int = 1 << 24,
     progress: bool = True,
 ) -> TokenCache:
     """Tokenize ``data`` into ``cache_root/<key>/`` (or reuse it) and open it.
@@ -223,8 +247,9 @@ def build_cache(
     :func:`~jft.data.pipeline.load_records`. The settings are those of
     :func:`~jft.data.pipeline.tokenize_records`; ``seq_len`` (default ``max_length``) and
     ``packed`` choose the row layout stored with it (others are added on first use of
-    :meth:`TokenCache.rows`). ``num_proc`` processes encode shards of ``shard_records`` records;
-    the result does not depend on ``num_proc``. Raises :class:`DataError` for a bad record (naming
+    :meth:`TokenCache.rows`). ``num_proc`` processes encode chunks of ``chunk_records`` records,
+    written in order as shards of about ``shard_tokens`` tokens (5 bytes each); the files do not
+    depend on ``num_proc``. Raises :class:`DataError` for a bad record (naming
     where), a token id ``vocab_size`` cannot embed, or when every record is dropped.
     """
     if overlong not in ("truncate", "drop"):
@@ -237,7 +262,8 @@ def build_cache(
         "prompt_loss_weight": float(prompt_loss_weight),
         "response_loss_weight": float(response_loss_weight),
         "fmt": fmt,
-        "shard_records": int(shard_records),
+        "chunk_records": int(chunk_records),
+        "shard_tokens": int(shard_tokens),
     }
     root = Path(cache_root).expanduser()
     key = cache_key(data, tokenizer, settings)
@@ -268,30 +294,32 @@ def _pairs(data) -> list[tuple[str, dict]]:
 
 
 def _write(tmp: Path, pairs, tokenizer, settings: dict, key: str, num_proc: int, progress: bool) -> None:
-    if tmp.exists():  # left by a crashed build of this process id
+    if tmp.exists():  # left by a crashed build with this process id
         shutil.rmtree(tmp)
     tmp.mkdir()
-    n = settings["shard_records"]
-    tasks = [(i, pairs[start : start + n], str(tmp)) for i, start in enumerate(range(0, len(pairs), n))]
-    bar = _Progress(len(pairs), progress)
+    n = settings["chunk_records"]
+    chunks = [pairs[start : start + n] for start in range(0, len(pairs), n)]
+    writer, bar, stats = _Shards(tmp, settings["shard_tokens"]), _Progress(len(pairs), progress), []
+    pool = None
     try:
-        if num_proc <= 1 or len(tasks) <= 1:
+        if num_proc <= 1 or len(chunks) <= 1:
             _init_worker(tokenizer, settings)
-            shards = []
-            for task in tasks:
-                shards.append(_encode_shard(task))
-                bar.update(len(task[1]))
+            encoded = map(_encode_chunk, chunks)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(min(num_proc, len(tasks)), _init_worker, (tokenizer, settings)) as pool:
-                shards = []
-                for shard in pool.imap_unordered(_encode_shard, tasks):
-                    shards.append(shard)
-                    bar.update(shard["records"])
+            pool = ctx.Pool(min(num_proc, len(chunks)), _init_worker, (tokenizer, settings))
+            encoded = pool.imap(_encode_chunk, chunks)  # in order, so the shards are too
+        for chunk in encoded:
+            stats.append(chunk.pop("stats"))
+            writer.add(chunk)
+            bar.update(stats[-1].records)
+        writer.flush()
     finally:
         bar.close()
-    shards.sort(key=lambda s: s["index"])
-    stats = Stats(**{f.name: sum(s[f.name] for s in shards) for f in dataclasses.fields(Stats)})
+        if pool is not None:
+            pool.terminate()
+    shards = writer.shards
+    stats = Stats(**{f.name: sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(Stats)})
     if pairs and not stats.tokens:
         raise DataError(
             f"all {stats.records} records were dropped (the first: {pairs[0][0]}; {stats}); "
@@ -304,7 +332,7 @@ def _write(tmp: Path, pairs, tokenizer, settings: dict, key: str, num_proc: int,
         "weights": [0.0, settings["prompt_loss_weight"], settings["response_loss_weight"]],
         "stats": dataclasses.asdict(stats),
         "examples": sum(s["examples"] for s in shards),
-        "shards": [{"name": s["name"], "examples": s["examples"], "tokens": s["tokens"]} for s in shards],
+        "shards": shards,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
@@ -351,11 +379,9 @@ class TokenCache:
                     raise _damaged(file, "missing") from e
                 except (ValueError, OSError, EOFError) as e:  # a truncated or garbled .npy
                     raise _damaged(file, f"unreadable ({e})") from e
-                if arrays[part].shape != (size,) or arrays[part].dtype != DTYPES[part]:
-                    raise _damaged(
-                        file,
-                        f"{arrays[part].dtype} {arrays[part].shape}, the manifest says {np.dtype(DTYPES[part])} ({size},)",
-                    )
+                got, want = arrays[part], np.dtype(DTYPES[part])
+                if got.shape != (size,) or got.dtype != want:
+                    raise _damaged(file, f"{got.dtype} {got.shape}, the manifest says {want} ({size},)")
             offsets = arrays["offsets"]
             if offsets[0] != 0 or offsets[-1] != shard["tokens"] or np.any(np.diff(offsets) < 0):
                 raise _damaged(self.folder / f"{shard['name']}.offsets.npy", "offsets do not match the tokens")
