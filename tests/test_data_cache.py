@@ -133,11 +133,11 @@ def test_damaged_cache_is_a_clear_error(tmp_path, bpe, pairs):
         TokenCache(folder)
 
 
-def test_two_processes_write_the_same_cache(tmp_path, bpe, pairs):
-    one = build_cache(pairs, bpe, cache_root=tmp_path / "one", chunk_records=40, shard_tokens=4000, **SETTINGS)
-    two = build_cache(
-        pairs, bpe, cache_root=tmp_path / "two", chunk_records=40, shard_tokens=4000, num_proc=2, **SETTINGS
-    )
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_two_processes_write_the_same_cache(tmp_path, bpe, pairs, start_method):
+    kw = dict(chunk_records=40, shard_tokens=4000, **SETTINGS)
+    one = build_cache(pairs, bpe, cache_root=tmp_path / "one", **kw)
+    two = build_cache(pairs, bpe, cache_root=tmp_path / "two", num_proc=2, start_method=start_method, **kw)
     assert one.folder.name == two.folder.name
     names = sorted(p.name for p in one.folder.iterdir())
     assert names == sorted(p.name for p in two.folder.iterdir())
@@ -154,3 +154,10 @@ def test_all_dropped_and_pack_bounds_errors(tmp_path, bpe, pairs):
     with pytest.raises(DataError, match="does not fit seq_len 4"):
         pack_bounds(np.array([3, 6]), 4)
     np.testing.assert_array_equal(pack_bounds(np.array([3, 3, 4, 2]), 5), [0, 2, 4])
+
+
+def test_a_bad_record_in_a_worker_names_where(tmp_path, bpe, pairs):
+    bad = [*pairs[:100], ("bad.jsonl:7", {"instruction": "x"}), *pairs[100:200]]
+    with pytest.raises(DataError, match=r"bad\.jsonl:7: record has no 'output' field"):
+        build_cache(bad, bpe, cache_root=tmp_path, chunk_records=20, num_proc=2, **SETTINGS)
+    assert not list(tmp_path.iterdir())

@@ -43,6 +43,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -237,6 +238,7 @@ def build_cache(
     seq_len: int | None = None,
     packed: bool = True,
     num_proc: int = 1,
+    start_method: str | None = None,
     chunk_records: int = 1024,
     shard_tokens: int = 1 << 24,
     progress: bool = True,
@@ -249,8 +251,11 @@ def build_cache(
     ``packed`` choose the row layout stored with it (others are added on first use of
     :meth:`TokenCache.rows`). ``num_proc`` processes encode chunks of ``chunk_records`` records,
     written in order as shards of about ``shard_tokens`` tokens (5 bytes each); the files do not
-    depend on ``num_proc``. Raises :class:`DataError` for a bad record (naming
-    where), a token id ``vocab_size`` cannot embed, or when every record is dropped.
+    depend on ``num_proc``. ``start_method`` (multiprocessing's) defaults to ``fork`` on Linux
+    before JAX has started a backend, else ``spawn``, which re-imports the caller's main module
+    in every worker: a script then needs ``if __name__ == "__main__":``. Raises :class:`DataError`
+    for a bad record (naming where), a token id ``vocab_size`` cannot embed, or when every record
+    is dropped.
     """
     if overlong not in ("truncate", "drop"):
         raise DataError(f"overlong={overlong!r}; use 'truncate' or 'drop'")
@@ -272,7 +277,9 @@ def build_cache(
         pairs = _pairs(data)
         root.mkdir(parents=True, exist_ok=True)
         try:
-            atomic_write(folder, lambda tmp: _write(tmp, pairs, tokenizer, settings, key, num_proc, progress))
+            atomic_write(
+                folder, lambda tmp: _write(tmp, pairs, tokenizer, settings, key, num_proc, start_method, progress)
+            )
         except OSError:
             if not (folder / MANIFEST).exists():
                 raise
@@ -293,7 +300,18 @@ def _pairs(data) -> list[tuple[str, dict]]:
     return list(data)
 
 
-def _write(tmp: Path, pairs, tokenizer, settings: dict, key: str, num_proc: int, progress: bool) -> None:
+def _start_method() -> str:
+    """``fork`` on Linux while no JAX backend runs (nothing multithreaded to inherit), else ``spawn``."""
+    try:
+        from jax._src import xla_bridge
+
+        live = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        live = True
+    return "fork" if sys.platform == "linux" and not live else "spawn"
+
+
+def _write(tmp: Path, pairs, tokenizer, settings: dict, key: str, num_proc: int, start_method, progress: bool) -> None:
     if tmp.exists():  # left by a crashed build with this process id
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -306,7 +324,7 @@ def _write(tmp: Path, pairs, tokenizer, settings: dict, key: str, num_proc: int,
             _init_worker(tokenizer, settings)
             encoded = map(_encode_chunk, chunks)
         else:
-            ctx = multiprocessing.get_context("spawn")
+            ctx = multiprocessing.get_context(start_method or _start_method())
             pool = ctx.Pool(min(num_proc, len(chunks)), _init_worker, (tokenizer, settings))
             encoded = pool.imap(_encode_chunk, chunks)  # in order, so the shards are too
         for chunk in encoded:
