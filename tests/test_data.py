@@ -14,6 +14,7 @@ from jft.data import (
     Batches,
     DataError,
     encode,
+    in_batches,
     load_records,
     pack,
     prompt_and_reference,
@@ -386,3 +387,12 @@ def test_batches_errors():
         Batches(_rows(2), 3, seed=0)
     with pytest.raises(DataError, match="does not fit 3 batches per epoch"):
         Batches(_rows(10), 3, seed=0).restore({"epoch": 0, "index": 5})
+
+
+def test_in_batches_visits_every_row_once_and_pads_the_last_with_zero_weight():
+    rows = [{"input_ids": np.full(4, i, np.int32), "loss_weights": np.ones(4, np.float32)} for i in range(5)]
+    got = list(in_batches(rows, 2))
+    assert [real for _, real in got] == [2, 2, 1]
+    assert all(b["input_ids"].shape == (2, 4) for b, _ in got)  # one shape: one compiled program
+    assert np.concatenate([b["input_ids"][:real, 0] for b, real in got]).tolist() == [0, 1, 2, 3, 4]
+    assert got[-1][0]["loss_weights"][1].sum() == 0  # the filler row weighs nothing

@@ -18,7 +18,16 @@ from jft.data.formats import (
     prompt_and_reference,
     prompt_ids,
 )
-from jft.data.pipeline import KEYS, Batches, Stats, load_records, pack, split_validation, tokenize_records
+from jft.data.pipeline import (
+    KEYS,
+    Batches,
+    Stats,
+    in_batches,
+    load_records,
+    pack,
+    split_validation,
+    tokenize_records,
+)
 from jft.data.preference import PairStats, tokenize_pairs
 
 __all__ = [
@@ -34,6 +43,7 @@ __all__ = [
     "Template",
     "detect_format",
     "encode",
+    "in_batches",
     "load_records",
     "pack",
     "prompt_and_reference",

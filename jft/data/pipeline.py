@@ -303,6 +303,17 @@ def pack(examples: Sequence[Example], seq_len: int, *, packed: bool = True) -> l
 # ---------------------------------------------------------------------------- batches
 
 
+def in_batches(rows: Sequence[dict], batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Every row once, in order, for evaluation: ``(batch, real)`` with ``batch`` a dict of
+    ``[batch_size, ...]`` arrays whose first ``real`` rows are data; the last batch is filled with
+    all-zero rows (weight 0), so every batch has one shape and one compiled program."""
+    for i in range(0, len(rows), batch_size):
+        chunk = list(rows[i : i + batch_size])
+        real = len(chunk)
+        chunk += [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - real)
+        yield {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}, real
+
+
 class Batches:
     """Batches of rows in a seeded order per epoch, resumable from a small JSON state.
 

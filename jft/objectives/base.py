@@ -10,6 +10,7 @@ import numpy as np
 
 from jft import peft, sharding
 from jft.config import ConfigError
+from jft.data.pipeline import in_batches
 from jft.hf import save_hf
 
 REFERENCE = "reference"  # a frozen reference policy's copy beside the model's params (DPO, GRPO, PPO)
@@ -140,10 +141,7 @@ def eval_sums(eval_step, params, rows: list[dict], batch_size: int, batch_shardi
     """The eval step's outputs summed over all ``rows`` (the last batch padded with all-zero rows,
     which every objective weighs 0), batches split over the mesh as ``batch_sharding`` says."""
     total: dict = {}
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        chunk = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - len(chunk))
-        batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+    for batch, _ in in_batches(rows, batch_size):
         if batch_sharding is not None:
             batch = sharding.put_batch(batch, batch_sharding)
         for k, v in jax.device_get(eval_step(params, batch)).items():

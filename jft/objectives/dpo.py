@@ -14,6 +14,7 @@ import numpy as np
 
 from jft import partition, sharding, tree
 from jft.config import ConfigError
+from jft.data.pipeline import in_batches
 from jft.losses import sequence_log_probs
 from jft.models.peft_spec import Peft
 from jft.objectives.base import REFERENCE, Objective, hidden_states, model_params, per_weight
@@ -123,12 +124,7 @@ def dpo_loss(model: Any, settings: Any, mesh: Any = None, rules: Any = sharding.
 
 def reference_log_probs(score, params, rows: list[dict], batch_size: int) -> np.ndarray:
     """``[rows, 2]`` float32 ``score(params, batch)`` over ``rows`` in batches (the last one padded)."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        padded = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (batch_size - len(chunk))
-        batch = {k: np.stack([r[k] for r in padded]) for k in chunk[0]}
-        out.append(np.asarray(jax.device_get(score(params, batch)))[: len(chunk)])
+    out = [np.asarray(jax.device_get(score(params, batch)))[:real] for batch, real in in_batches(rows, batch_size)]
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 2), np.float32)
 
 

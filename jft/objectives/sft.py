@@ -232,13 +232,10 @@ def slice_report(model, params, tokenizer, pairs, cfg, train_counts=None, genera
     rows = jdata.pack(examples, width, packed=False)
     nll_fn = jax.jit(token_nll(model))
     params = model_params(params)
-    size = cfg.train.batch_size
-    nll = []
-    for i in range(0, len(rows), size):
-        chunk = rows[i : i + size]
-        chunk = chunk + [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (size - len(chunk))
-        batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
-        nll.append(np.asarray(jax.device_get(nll_fn(params, batch)), np.float64)[: len(rows[i : i + size])])
+    nll = [
+        np.asarray(jax.device_get(nll_fn(params, batch)), np.float64)[:real]
+        for batch, real in jdata.in_batches(rows, cfg.train.batch_size)
+    ]
     nll_nt = np.concatenate(nll)  # [examples, width]
     weights_nt = np.stack([r["loss_weights"] for r in rows]).astype(np.float64)
     targets_nt = np.stack([r["targets"] for r in rows])
