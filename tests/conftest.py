@@ -1,6 +1,17 @@
-"""Tiny random Hugging Face models, built locally with transformers + torch (no network)."""
+"""Tiny random Hugging Face models, built locally with transformers + torch (no network).
+
+Every test process (xdist workers and the subprocesses tests start inherit the environment)
+shares one persistent JAX compilation cache: tests compile the same tiny train steps again and
+again, and on CPU compiling is most of their time. Set JAX_COMPILATION_CACHE_DIR to choose it.
+"""
+
+import os
+import tempfile
 
 import pytest
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jft-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs too: there are many
 
 BASE = dict(
     vocab_size=128,
