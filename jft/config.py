@@ -89,6 +89,10 @@ def default_config() -> ConfigDict:
     c.data.seq_len = 512  # tokens per training row
     c.data.overlong = "truncate"  # records longer than seq_len: truncate | drop (both counted)
     c.data.pack = True  # pack several records into one row (segment ids keep them apart)
+    # tokenize the training records once into this folder (jft.data.cache: memory-mapped shards keyed by
+    # the data, tokenizer, template and these settings), reused by later runs and resumes; "" = in memory
+    c.data.cache_dir = ""
+    c.data.num_proc = 1  # processes that tokenize into data.cache_dir
     c.data.prompt_loss_weight = 0.1  # loss weight of prompt tokens (0 = completion-only)
     c.data.response_loss_weight = 1.0  # loss weight of response tokens
 

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from test_data import CHAT, CHAT_TEMPLATE, INSTRUCTION, word_tokenizer
@@ -162,3 +163,25 @@ def test_a_bad_record_in_a_worker_names_where(tmp_path, bpe, pairs):
     with pytest.raises(DataError, match=r"bad\.jsonl:7: record has no 'output' field"):
         build_cache(bad, bpe, cache_root=tmp_path, chunk_records=20, num_proc=2, **SETTINGS)
     assert not list(tmp_path.iterdir())
+
+
+def test_fit_from_the_cache_trains_exactly_as_from_memory_and_reuses_it(tmp_path):
+    """data.cache_dir: the same batches, so the same losses and weights; the second run (and a
+    resume with another data.num_proc) tokenizes nothing and finds the one cache folder."""
+    from test_trainer import params_of, tiny_config, write_data
+
+    from jft.train import fit
+
+    data = write_data(tmp_path / "train.jsonl")
+    common = dict(train__max_steps=4, train__eval_every=0, eval__num_examples=0)
+    memory = fit(tiny_config(data, **common), tmp_path / "memory")
+    cache_dir = tmp_path / "cache"
+    cached = fit(tiny_config(data, data__cache_dir=str(cache_dir), **common), tmp_path / "cached")
+    assert cached["after"]["loss"] == memory["after"]["loss"]
+    a, b = params_of(tmp_path / "memory"), params_of(tmp_path / "cached")
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    folders = sorted(p for p in cache_dir.iterdir() if not p.name.startswith("."))
+    assert len(folders) == 1 and (folders[0] / "manifest.json").is_file()
+    more = dict(common, train__max_steps=6, data__cache_dir=str(cache_dir), data__num_proc=2)
+    resumed = fit(tiny_config(data, **more), tmp_path / "cached")  # resumes; num_proc may change
+    assert resumed["steps"] == 6 and sorted(p for p in cache_dir.iterdir() if not p.name.startswith(".")) == folders

@@ -455,6 +455,34 @@ class TokenCache:
         return _row([self[i] for i in range(bounds[r], bounds[r + 1])], seq_len)
 
 
+class CachedRows(Sequence):
+    """The packed rows of a :class:`TokenCache` as a read-only sequence: ``rows[r]`` is the dict
+    ``pack(...)[r]`` would hold, built from the memory-mapped shards when it is read, so a corpus
+    of any size costs host memory for the rows of one batch (:class:`jft.data.Batches` reads them so)."""
+
+    def __init__(self, cache: TokenCache, seq_len: int, packed: bool = True):
+        self.cache, self.seq_len, self.packed = cache, seq_len, packed
+        self.bounds = cache.rows(seq_len, packed)  # [rows + 1]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, r):
+        if not 0 <= r < len(self):
+            raise IndexError(f"row {r} of {len(self)}")
+        lo, hi = int(self.bounds[r]), int(self.bounds[r + 1])
+        return _row([self.cache[i] for i in range(lo, hi)], self.seq_len)
+
+    def target_counts(self, vocab: int) -> np.ndarray:
+        """``[vocab]``: how often each token is a weighted training target (as the SFT objective counts)."""
+        counts = np.zeros(vocab, np.int64)
+        for ids, kinds, offsets in zip(self.cache._ids, self.cache._kinds, self.cache._offsets, strict=True):
+            target = self.cache.weights[np.asarray(kinds)] > 0
+            target[offsets[:-1]] = False  # an example's first token is never a target
+            counts += np.bincount(np.asarray(ids)[target], minlength=vocab)
+        return counts
+
+
 def pack_bounds(lengths: np.ndarray, seq_len: int, *, packed: bool = True) -> np.ndarray:
     """Next-fit packing over example lengths (tokens): ``[rows + 1]`` example bounds.
 

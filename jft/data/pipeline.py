@@ -337,7 +337,10 @@ class Batches:
                 f"{len(rows)} rows of data is fewer than batch_size {batch_size}; "
                 "add data, lower the batch size or shorten seq_len"
             )
-        self.data = {k: np.stack([r[k] for r in rows]) for k in rows[0]}  # any row keys: [rows, ...]
+        # a list is stacked once ([rows, ...] per key); any other sequence (jft.data.cache.CachedRows)
+        # is read a batch at a time, so host memory holds one batch of it
+        self.rows = rows
+        self.data = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if isinstance(rows, list) else None
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_rows = len(rows)
         n = self.num_rows // batch_size if drop_remainder else math.ceil(self.num_rows / batch_size)
@@ -356,7 +359,12 @@ class Batches:
         """Batch ``index`` of ``epoch``: a dict of ``[batch_size, seq_len]`` arrays."""
         take = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         pad = self.batch_size - len(take)
-        return {k: np.pad(v[take], [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in self.data.items()}
+        if self.data is None:
+            rows = [self.rows[int(i)] for i in take]
+            picked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        else:
+            picked = {k: v[take] for k, v in self.data.items()}
+        return {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in picked.items()}
 
     def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """Every batch of one epoch, in order (does not move the iterator)."""

@@ -72,6 +72,11 @@ class SFT(Objective):
     def rows(self, records, tokenizer, vocab):
         cfg, out = self.cfg, {}
         for split, pairs in zip(("train", "validation"), records, strict=True):
+            if split == "train" and cfg.data.cache_dir:  # tokenized once, rows read from disk
+                rows = cached_rows(cfg, pairs, tokenizer, vocab)
+                out[split], out[f"{split}_stats"] = rows, str(rows.cache.stats)
+                self.train_counts = rows.target_counts(vocab)
+                continue
             examples, stats = tokenize(cfg, pairs, tokenizer, vocab)
             out[split] = jdata.pack(examples, cfg.data.seq_len, packed=cfg.data.pack)
             out[f"{split}_stats"] = str(stats)
@@ -99,6 +104,31 @@ class SFT(Objective):
             counts = getattr(self, "train_counts", None)
             out["slices"] = slice_report(model, params, tokenizer, records, cfg, counts, generated)
         return out
+
+
+def cached_rows(cfg, pairs, tokenizer, vocab_size: int):
+    """The packed rows of ``pairs`` from the on-disk cache under ``data.cache_dir`` (built on first
+    use, by ``data.num_proc`` processes): the rows :func:`tokenize` and ``pack`` would give."""
+    from jft.data.cache import CachedRows, build_cache
+
+    d = cfg.data
+    cache = build_cache(
+        pairs,
+        tokenizer,
+        cache_root=d.cache_dir,
+        vocab_size=vocab_size,
+        max_length=d.seq_len,
+        overlong=d.overlong,
+        template=jdata.TEMPLATES[d.template],
+        prompt_loss_weight=d.prompt_loss_weight,
+        response_loss_weight=d.response_loss_weight,
+        fmt=d.format,
+        seq_len=d.seq_len,
+        packed=d.pack,
+        num_proc=d.num_proc,
+        progress=jax.process_index() == 0,
+    )
+    return CachedRows(cache, d.seq_len, d.pack)
 
 
 def tokenize(cfg, pairs, tokenizer, vocab_size: int):

@@ -47,6 +47,7 @@ from jft.tree import flat
 # Changing these between a run and its resumption would change what the run trains on.
 _FIXED_ON_RESUME = ("model.", "tokenizer.", "data.", "peft.", "train.seed", "train.batch_size", "train.rules")
 _FIXED_ON_RESUME += ("optim.mu_dtype", "optim.nu_dtype", "optim.bf16_update")  # the optimizer state's layout
+_FREE_ON_RESUME = ("data.cache_dir", "data.num_proc")  # where and how fast the same rows are tokenized
 
 
 class TrainingError(RuntimeError):
@@ -465,7 +466,7 @@ def _check_resume(cfg, workdir: Path, ckpts: Checkpoints) -> None:
         for keys in (old, now):
             keys["model.compute_dtype"] = _resolved_compute_dtype(keys)
         changed = sorted(k for k in now if now.get(k) != old.get(k))
-        fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME)]
+        fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME) and k not in _FREE_ON_RESUME]
         if fixed:
             raise TrainingError(
                 f"{root} holds a run (checkpoint at step {step}) whose config differs in {fixed}; resuming would "
