@@ -39,6 +39,15 @@ def test_extended_model_keeps_old_logits_and_transformers_loads_it(hf_model_dir,
         theirs = hf(torch.tensor(x)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model2.apply({"params": params2}, x)), theirs, atol=2e-5)
 
+    many = [f"t{i}" for i in range(125)]  # past the model's 128 rows: the tables grow
+    model3, params3, _, more = extend_vocabulary(model2, params2, tokenizer, many)
+    assert more == list(range(7, 132)) and model3.config.vocab_size == 132
+    grown = np.asarray(params3["model"]["embed_tokens"]["embedding"])
+    assert grown.shape[0] == 132 and np.allclose(grown[131], embed[:7].mean(0), atol=1e-6)
+    if "lm_head" in params3:
+        assert np.asarray(params3["lm_head"]["kernel"]).shape[1] == 132
+    np.testing.assert_array_equal(np.asarray(model3.apply({"params": params3}, ids))[..., :5], old_logits[..., :5])
+
 
 def test_domain_tokens_lower_tokens_per_word_and_known_ones_change_nothing():
     from jft.tokenizer import train_bpe_tokenizer
