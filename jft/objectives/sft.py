@@ -117,12 +117,7 @@ def cached_rows(cfg, pairs, tokenizer, vocab_size: int):
         tokenizer,
         cache_root=d.cache_dir,
         vocab_size=vocab_size,
-        max_length=d.seq_len,
-        overlong=d.overlong,
-        template=jdata.TEMPLATES[d.template],
-        prompt_loss_weight=d.prompt_loss_weight,
-        response_loss_weight=d.response_loss_weight,
-        fmt=d.format,
+        **encoding(cfg),
         seq_len=d.seq_len,
         packed=d.pack,
         num_proc=d.num_proc,
@@ -131,19 +126,22 @@ def cached_rows(cfg, pairs, tokenizer, vocab_size: int):
     return CachedRows(cache, d.seq_len, d.pack)
 
 
+def encoding(cfg) -> dict:
+    """The keyword settings of :func:`jft.data.tokenize_records` that ``cfg.data`` gives."""
+    d = cfg.data
+    return dict(
+        max_length=d.seq_len,
+        overlong=d.overlong,
+        template=jdata.TEMPLATES[d.template],
+        prompt_loss_weight=d.prompt_loss_weight,
+        response_loss_weight=d.response_loss_weight,
+        fmt=d.format,
+    )
+
+
 def tokenize(cfg, pairs, tokenizer, vocab_size: int):
     """``(examples, stats)`` of ``(where, record)`` pairs as ``cfg.data`` says."""
-    return jdata.tokenize_records(
-        pairs,
-        tokenizer,
-        vocab_size=vocab_size,
-        max_length=cfg.data.seq_len,
-        overlong=cfg.data.overlong,
-        template=jdata.TEMPLATES[cfg.data.template],
-        prompt_loss_weight=cfg.data.prompt_loss_weight,
-        response_loss_weight=cfg.data.response_loss_weight,
-        fmt=cfg.data.format,
-    )
+    return jdata.tokenize_records(pairs, tokenizer, vocab_size=vocab_size, **encoding(cfg))
 
 
 def generations(model, params, tokenizer, pairs, template, eval_cfg) -> dict:
