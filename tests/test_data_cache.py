@@ -87,8 +87,8 @@ def test_chat_and_a_file_source(tmp_path):
 def test_second_build_reuses_the_cache(tmp_path, bpe, pairs, monkeypatch):
     first = build_cache(pairs, bpe, cache_root=tmp_path, **SETTINGS)
     calls = []
-    encode = cache_mod.encode_example
-    monkeypatch.setattr(cache_mod, "encode_example", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    encode = cache_mod.encoded
+    monkeypatch.setattr(cache_mod, "encoded", lambda *a, **k: calls.append(1) or encode(*a, **k))
     second = build_cache(pairs, bpe, cache_root=tmp_path, **SETTINGS)
     assert calls == [] and second.folder == first.folder
     assert [p.name for p in tmp_path.iterdir()] == [first.folder.name]  # no temporary folder left

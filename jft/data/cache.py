@@ -54,8 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jft.data.formats import ALPACA, RESPONSE, DataError, Template
-from jft.data.pipeline import Stats, _row, encode_example, load_records
+from jft.data.formats import ALPACA, DataError, Template
+from jft.data.pipeline import Stats, _row, check_kept, encoded, load_records
 from jft.safetensors_io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -133,32 +133,22 @@ def _init_worker(tokenizer, settings: dict) -> None:
 def _encode_chunk(pairs: Sequence[tuple[str, dict]]) -> dict:
     """Encode a chunk of records: the kept examples end to end (``ids``, ``kinds``), their lengths, the counts."""
     tokenizer, s = _WORKER["tokenizer"], _WORKER["settings"]
-    weights = (s["prompt_loss_weight"], s["response_loss_weight"])
-    template = Template(**s["template"])
     stats, ids, kinds, lengths = Stats(), [], [], []
-    for where, record in pairs:
-        stats.records += 1
-        one_ids, one_kinds, _, truncated, drop = encode_example(
-            where,
-            record,
-            tokenizer,
-            vocab_size=s["vocab_size"],
-            max_length=s["max_length"],
-            overlong=s["overlong"],
-            template=template,
-            weights=weights,
-            fmt=s["fmt"],
-        )
-        stats.truncated += truncated
-        stats.dropped += drop is not None
-        stats.no_loss += drop == "no_loss"
-        if drop:
-            continue
+    kept = encoded(
+        pairs,
+        tokenizer,
+        stats,
+        vocab_size=s["vocab_size"],
+        max_length=s["max_length"],
+        overlong=s["overlong"],
+        template=Template(**s["template"]),
+        weights=(s["prompt_loss_weight"], s["response_loss_weight"]),
+        fmt=s["fmt"],
+    )
+    for one_ids, one_kinds, _ in kept:
         ids.append(one_ids)
         kinds.append(one_kinds.astype(np.uint8))
         lengths.append(len(one_ids))
-        stats.tokens += len(one_ids)
-        stats.response_tokens += int((one_kinds == RESPONSE).sum())
     return {
         "ids": np.concatenate(ids) if ids else np.zeros(0, np.int32),
         "kinds": np.concatenate(kinds) if kinds else np.zeros(0, np.uint8),
@@ -342,11 +332,7 @@ def _write(tmp: Path, pairs, tokenizer, settings: dict, key: str, num_proc: int,
             pool.terminate()
     shards = writer.shards
     stats = Stats(**{f.name: sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(Stats)})
-    if pairs and not stats.tokens:
-        raise DataError(
-            f"all {stats.records} records were dropped (the first: {pairs[0][0]}; {stats}); "
-            "check max_length and the loss weights"
-        )
+    check_kept(pairs, stats)
     manifest = {
         "version": VERSION,
         "key": key,

@@ -227,34 +227,46 @@ def tokenize_records(
     :class:`DataError` for a bad record (naming where), a token id the model's
     ``vocab_size`` cannot embed, or when no example is left.
     """
-    examples, stats = [], Stats()
+    stats = Stats()
+    kept = encoded(
+        pairs,
+        tokenizer,
+        stats,
+        vocab_size=vocab_size,
+        max_length=max_length,
+        overlong=overlong,
+        template=template,
+        weights=(prompt_loss_weight, response_loss_weight),
+        fmt=fmt,
+    )
+    examples = [(ids, weights) for ids, _, weights in kept]
+    check_kept(pairs, stats)
+    return examples, stats
+
+
+def encoded(pairs: Sequence[tuple[str, dict]], tokenizer, stats: Stats, **settings) -> Iterator[tuple]:
+    """The kept examples of ``pairs`` in order, ``(ids, kinds, weights)`` as :func:`encode_example`
+    gives them (``settings`` are its keywords), each record counted into ``stats``."""
     for where, record in pairs:
         stats.records += 1
-        ids, kinds, weights, truncated, drop = encode_example(
-            where,
-            record,
-            tokenizer,
-            vocab_size=vocab_size,
-            max_length=max_length,
-            overlong=overlong,
-            template=template,
-            weights=(prompt_loss_weight, response_loss_weight),
-            fmt=fmt,
-        )
+        ids, kinds, weights, truncated, drop = encode_example(where, record, tokenizer, **settings)
         stats.truncated += truncated
         stats.dropped += drop is not None
         stats.no_loss += drop == "no_loss"
         if drop:
             continue
-        examples.append((ids, weights))
         stats.tokens += len(ids)
         stats.response_tokens += int((kinds == RESPONSE).sum())
-    if pairs and not examples:
+        yield ids, kinds, weights
+
+
+def check_kept(pairs: Sequence[tuple[str, dict]], stats: Stats) -> None:
+    """Raise :class:`DataError` when records were read and tokenization kept none of them."""
+    if pairs and not stats.tokens:
         raise DataError(
             f"all {stats.records} records were dropped (the first: {pairs[0][0]}; {stats}); "
             "check max_length and the loss weights"
         )
-    return examples, stats
 
 
 # ---------------------------------------------------------------------------- rows
