@@ -1,7 +1,7 @@
-"""Tokenizing a raw-text corpus: the data cache (jft.data.cache) vs tokenize_records, tokens/s and peak RSS.
+"""Tokenizing and training on a raw-text corpus: the data cache (jft.data.cache) vs the in-memory pipeline.
 
     python benchmarks/bench_data.py                          # 20k text records of ~200 words, all cores
-    python benchmarks/bench_data.py --records 2000000        # ~0.5B tokens (a disk-sized run)
+    python benchmarks/bench_data.py --records 760000 --train # ~200M tokens, + a training run and its resume
     python benchmarks/bench_data.py --format instruction --compare-datasets   # + datasets.map(num_proc)
 
 Writes (once per size, reused from --workdir) a seeded synthetic corpus of pseudo-words as a
@@ -16,6 +16,17 @@ tokenizing runs as its own fresh process, reading the .jsonl and tokenizing ever
 It prints wall seconds, tokens/s, tokens/s per core used and the peak RSS of the main process
 and of its largest worker (``resource.getrusage``: SELF and CHILDREN), then the ratios to
 ``pipeline``. Imports and worker start-up are inside the timing: they are what a run pays.
+
+``--train`` also runs ``jft.train.fit`` (a tiny model: the data path is what is measured) as a
+fresh process for one step, then again in the same workdir to resume and take one more, for
+
+    pipeline-fit   today's path: every record read, tokenized and packed in memory on every run
+    cache-fit      data.cache_dir + data.validation: the workers read the file in pieces into a
+                   cache the resume reuses; each batch's rows are read from disk
+
+and prints, per run, the seconds from the process start to its first batch in host memory (imports,
+model init and the data) and to the end of its first step (that and compiling the step), and the
+peak RSS of the main process and its workers by then.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ def corpus(workdir: Path, records: int, words: int, fmt: str) -> Path:
 
     folder = workdir / f"{fmt}-{records}x{words}"
     data = folder / "train.jsonl"
-    if data.exists() and (folder / "tokenizer").exists():
+    if data.exists() and (folder / "tokenizer").exists() and (folder / "validation.jsonl").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -62,6 +73,8 @@ def corpus(workdir: Path, records: int, words: int, fmt: str) -> Path:
                 record = {"instruction": "Continue the text.", "input": text[:cut], "output": text[cut:]}
             f.write(json.dumps(record) + "\n")
     data.with_suffix(".tmp").replace(data)
+    with open(folder / "validation.jsonl", "w") as f:  # held-out records for --train
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts[-16:])
     from jft.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer(texts, folder / "tokenizer", vocab_size=4096)
@@ -115,6 +128,48 @@ def work(mode: str, folder: Path, num_proc: int) -> dict:
     }
 
 
+def train(mode: str, folder: Path, num_proc: int, workdir: Path, steps: int) -> dict:
+    """One ``fit`` in this (fresh) process: seconds to the end of the first step, peak RSS then."""
+    start = time.perf_counter()
+    import jft.train.trainer as trainer
+    from jft.config import default_config
+
+    first = {}
+    flush = trainer._flush
+
+    def timed(*args, **kwargs):  # the first step's metrics are fetched here (log_every = 1)
+        out = flush(*args, **kwargs)
+        if not first:
+            first.update(
+                seconds=time.perf_counter() - start,
+                rss_main=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                rss_worker=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            )
+        return out
+
+    trainer._flush = timed
+    batch = trainer.jdata.Batches.batch
+
+    def first_batch(self, *args):  # the data is ready: what a resume waits for before compiling the step
+        first.setdefault("data_seconds", time.perf_counter() - start)
+        return batch(self, *args)
+
+    trainer.jdata.Batches.batch = first_batch
+    c = default_config()
+    c.model.new.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    c.model.new.num_key_value_heads = 1
+    c.model.remat = "none"
+    c.tokenizer.path = str(folder / "tokenizer")
+    c.data.train, c.data.validation = str(folder / "train.jsonl"), str(folder / "validation.jsonl")
+    c.data.seq_len, c.data.format = MAX_LENGTH, "text"
+    if mode == "cache-fit":
+        c.data.cache_dir, c.data.num_proc = str(workdir / "cache"), num_proc
+    c.train.update(batch_size=8, max_steps=steps, log_every=1, eval_every=0, checkpoint_every=1)
+    c.eval.num_examples = 0
+    report = trainer.fit(c, workdir / mode)
+    return {"mode": mode, "resumed_from": report["resumed_from"], "data": report["train_data"], **first}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20_000)
@@ -122,22 +177,44 @@ def main() -> None:
     parser.add_argument("--format", choices=("text", "instruction"), default="text")
     parser.add_argument("--num-proc", type=int, default=os.cpu_count())
     parser.add_argument("--compare-datasets", action="store_true")
+    parser.add_argument("--train", action="store_true", help="also time a training run and its resume")
+    parser.add_argument("--skip-tokenize", action="store_true", help="only the --train runs")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "jft_bench_data")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = corpus(args.workdir, args.records, args.words, args.format)
+    if args.worker in ("pipeline-fit", "cache-fit"):
+        steps = int(os.environ["BENCH_STEPS"])
+        print(json.dumps(train(args.worker, folder, args.num_proc, args.workdir / folder.name, steps)))
+        return
     if args.worker:
         print(json.dumps(work(args.worker, folder, args.num_proc)))
         return
     size = (folder / "train.jsonl").stat().st_size / 2**20
     print(f"corpus: {args.records} {args.format} records, {size:.1f} MiB; num_proc {args.num_proc}")
-    modes = ["pipeline", "cache"] + (["datasets"] if args.compare_datasets else [])
-    results = {}
-    for mode in modes:
+
+    def run(mode: str, **env) -> dict:
         cmd = [sys.executable, __file__, "--worker", mode, "--records", str(args.records), "--words", str(args.words)]
         cmd += ["--format", args.format, "--num-proc", str(args.num_proc), "--workdir", str(args.workdir)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env}).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    if args.train:
+        import shutil
+
+        shutil.rmtree(args.workdir / folder.name, ignore_errors=True)  # fresh runs, an empty cache
+        print(f"{'':14} {'run':7} {'s to batch 1':>12} {'s to step 1':>11} {'RSS main':>9} {'RSS worker':>10}")
+        for mode in ("pipeline-fit", "cache-fit"):
+            for steps, run_name in ((1, "fresh"), (2, "resume")):
+                r = run(mode, BENCH_STEPS=str(steps))
+                assert r["resumed_from"] == steps - 1, r
+                times = f"{r['data_seconds']:>12.1f} {r['seconds']:>11.1f}"
+                print(f"{mode:14} {run_name:7} {times} {r['rss_main']:>7.0f}Mi {r['rss_worker']:>8.0f}Mi")
+        print(f"data: {r['data']}")
+    if args.skip_tokenize:
+        return
+    modes = ["pipeline", "cache"] + (["datasets"] if args.compare_datasets else [])
+    results = {mode: run(mode) for mode in modes}
     base = results["pipeline"]
     print(f"{'':10} {'tokens':>11} {'s':>7} {'tok/s':>10} {'tok/s/core':>11} {'RSS main':>9} {'RSS worker':>10}")
     for mode, r in results.items():

@@ -79,7 +79,14 @@ def default_config() -> ConfigDict:
     c.tokenizer.train_on_data = False  # build a small BPE tokenizer from the training data (new models)
 
     c.data = ConfigDict()
-    c.data.train = ""  # training data: .jsonl/.json/.parquet/.csv file or folder, hub name, or tfds:NAME
+    # training data: a .jsonl/.json/.parquet/.csv/.txt/.jsonl.gz/.txt.gz file or a folder of them, a hub
+    # name, or tfds:NAME
+    c.data.train = ""
+    # task=sft: several training sources with weights, in place of data.train, e.g.
+    # (("domain/", 0.9), ("instructions.jsonl", 0.1)); each batch holds about these shares of rows, and an
+    # epoch is the fewest rows that visit every row of every source at them (jft.data.mixture)
+    c.data.mixture = ()
+    c.data.text_unit = "line"  # a .txt file's records: one per line | one per file (document)
     c.data.validation = ""  # validation data (same forms); "" = split off data.validation_fraction
     c.data.validation_fraction = 0.05  # share of the training records held out when data.validation = ""
     c.data.split = "train"  # split name for hub and TFDS datasets
@@ -90,7 +97,9 @@ def default_config() -> ConfigDict:
     c.data.overlong = "truncate"  # records longer than seq_len: truncate | drop (both counted)
     c.data.pack = True  # pack several records into one row (segment ids keep them apart)
     # tokenize the training records once into this folder (jft.data.cache: memory-mapped shards keyed by
-    # the data, tokenizer, template and these settings), reused by later runs and resumes; "" = in memory
+    # the data, tokenizer, template and these settings), reused by later runs and resumes; "" = in memory.
+    # With data.validation set too, local training files are read by the tokenizing processes only, in
+    # pieces: the corpus is never held in memory
     c.data.cache_dir = ""
     c.data.num_proc = 1  # processes that tokenize into data.cache_dir
     c.data.prompt_loss_weight = 0.1  # loss weight of prompt tokens (0 = completion-only)

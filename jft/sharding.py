@@ -179,25 +179,45 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, accum: bool = True) -> Named
     return NamedSharding(mesh, nn.logical_to_mesh_axes((None,) * accum + ("batch", None), rules))
 
 
-def put_batch(batch: dict, sharding: NamedSharding) -> dict:
-    """Global arrays from the host batch ``{name: numpy array}`` that every process holds (the
-    data order is seeded, so all hosts agree): each process contributes only the rows its own
-    devices hold (``jax.make_array_from_process_local_data``); one host contributes all. Arrays of
-    any rank from the rows axis on (a per-row scalar, preference pairs ``[rows, 2, length]``)."""
+def _local_box(where: NamedSharding, shape: tuple) -> tuple[slice, ...]:
+    """The slices of a global array of ``shape`` that this process's devices hold under ``where``."""
+    index = list(where.addressable_devices_indices_map(shape).values())
+    return tuple(
+        slice(min(i[d].indices(n)[0] for i in index), max(i[d].indices(n)[1] for i in index))
+        for d, n in enumerate(shape)
+    )
+
+
+def host_rows(sharding: NamedSharding, rows: int, accum: int = 1) -> np.ndarray:
+    """Which rows of a host batch ``[rows]`` this process's devices hold once the batch is shaped
+    ``[accum, rows // accum]`` (gradient accumulation) and placed with ``sharding`` (of
+    :func:`batch_sharding`): indices into the batch, in the order :func:`put_batch` with
+    ``rows=`` takes them. All of them on one host; on a pod each host's own share, so it reads
+    only those (:class:`jft.data.Batches` ``positions``)."""
+    micro = rows // accum
+    shape = (accum, micro, 1) if len(sharding.spec) == 3 else (micro, 1)
+    box = _local_box(sharding, shape)
+    steps = np.arange(accum)[box[0]] if len(shape) == 3 else np.zeros(1, np.int64)
+    return (steps[:, None] * micro + np.arange(micro)[box[-2]][None]).reshape(-1)
+
+
+def put_batch(batch: dict, sharding: NamedSharding, rows: int | None = None) -> dict:
+    """Global arrays from a host batch ``{name: numpy array}``. Each process contributes only the
+    rows its own devices hold (``jax.make_array_from_process_local_data``); one host contributes
+    all. Arrays of any rank from the rows axis on (a per-row scalar, preference pairs ``[rows, 2,
+    length]``). Without ``rows`` every process holds the whole batch (the data order is seeded,
+    so all hosts agree) and each takes its share; with ``rows`` (the global rows per micro-batch)
+    each holds only its share already, as :func:`host_rows` picks it."""
 
     rows_at = len(sharding.spec) - 2  # the spec is for [(grad_accum,) rows, length]
 
     def one(x):
-        shape = x.shape
+        shape = x.shape if rows is None else (*x.shape[:rows_at], rows, *x.shape[rows_at + 1 :])
         # Any rank: rows split as the spec says, the axes after them (length, pair side, ...) whole.
         spec = jax.sharding.PartitionSpec(*sharding.spec[: rows_at + 1], *(None,) * (x.ndim - rows_at - 1))
         where = NamedSharding(sharding.mesh, spec)
-        index = list(where.addressable_devices_indices_map(shape).values())
-        local = tuple(
-            slice(min(i[d].indices(n)[0] for i in index), max(i[d].indices(n)[1] for i in index))
-            for d, n in enumerate(shape)
-        )
-        return jax.make_array_from_process_local_data(where, np.asarray(x[local]), shape)
+        local = np.asarray(x if rows is not None else x[_local_box(where, shape)])
+        return jax.make_array_from_process_local_data(where, local, shape)
 
     return {k: one(v) for k, v in batch.items()}
 

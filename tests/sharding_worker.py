@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 COMMAND = sys.argv[1]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if COMMAND == 'multihost' else 8}"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if COMMAND.startswith('multihost') else 8}"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -157,6 +157,48 @@ def multihost(process_id: str, port: str, *fit_args: str) -> dict:
     """:func:`fit` as one of two processes (4 CPU devices each) joined by ``jax.distributed``."""
     sharding.initialize_distributed(f"localhost:{port}", 2, int(process_id))
     return fit(*fit_args)
+
+
+def global_batches(rows, steps: int, restore_at: int, grad_accum: int = 2, batch_size: int = 16) -> list[str]:
+    """sha256 of each of ``steps`` global batches of ``rows`` as the trainer builds them: this
+    process reads only its rows (``host_rows``), ``put_batch`` joins the hosts' shares; then a
+    fresh reader restored at step ``restore_at`` goes on. Every process returns the same list."""
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    from jft.data import Batches
+
+    mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)
+    where = sharding.batch_sharding(mesh)
+    local = sharding.host_rows(where, batch_size, grad_accum)
+
+    def digest(batch) -> str:
+        placed = sharding.put_batch(
+            {k: v.reshape(grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}, where, rows=batch_size // grad_accum
+        )
+        h = hashlib.sha256()
+        for k in sorted(placed):
+            whole = multihost_utils.process_allgather(placed[k], tiled=True)
+            h.update(k.encode() + np.ascontiguousarray(np.asarray(whole).reshape(batch_size, -1)).tobytes())
+        return h.hexdigest()
+
+    reader = Batches(rows, batch_size, seed=7, positions=local)
+    out = [digest(next(reader)) for _ in range(restore_at)]
+    reader = Batches(rows, batch_size, seed=7, positions=local)
+    reader.restore({"epoch": restore_at // reader.steps_per_epoch, "index": restore_at % reader.steps_per_epoch})
+    out += [digest(next(reader)) for _ in range(steps - restore_at)]
+    return out
+
+
+def multihost_batches(process_id: str, port: str, seq_len: str, *folders: str) -> dict:
+    """The global batches of a mixture of cached sources, read per host by two processes."""
+    from jft.data.cache import CachedRows, TokenCache
+    from jft.data.mixture import Mixture
+
+    sharding.initialize_distributed(f"localhost:{port}", 2, int(process_id))
+    rows = Mixture([CachedRows(TokenCache(f), int(seq_len)) for f in folders], [0.7, 0.3], seed=7)
+    return {"processes": jax.process_count(), "local": len(jax.local_devices()), "batches": global_batches(rows, 9, 6)}
 
 
 def peft_shardings() -> dict:
@@ -310,7 +352,7 @@ def ppo(workdir: str) -> dict:
 
 if __name__ == "__main__":
     commands = {"full": run, "lora": run, "qlora": run, "errors": errors, "checkpoint": checkpoint}
-    commands.update(fit=fit, multihost=multihost)
+    commands.update(fit=fit, multihost=multihost, multihost_batches=multihost_batches)
     commands.update(step_memory=step_memory)
     commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh, dpo=dpo, grpo=grpo, ppo=ppo)
     args = sys.argv[2:] if COMMAND not in ("full", "lora", "qlora") else [COMMAND]

@@ -1,6 +1,7 @@
 """The tokenized data cache: the same examples, stats and rows as the in-memory pipeline; reuse, keys, damage."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -185,3 +186,49 @@ def test_fit_from_the_cache_trains_exactly_as_from_memory_and_reuses_it(tmp_path
     more = dict(common, train__max_steps=6, data__cache_dir=str(cache_dir), data__num_proc=2)
     resumed = fit(tiny_config(data, **more), tmp_path / "cached")  # resumes; num_proc may change
     assert resumed["steps"] == 6 and sorted(p for p in cache_dir.iterdir() if not p.name.startswith(".")) == folders
+
+
+def test_fit_streams_a_mixture_from_disk_and_resumes_exactly(tmp_path, monkeypatch):
+    """data.mixture of a folder of .txt shards (75%) and an instruction file, with data.cache_dir and
+    data.validation: the training files are read only by the cache's workers, and a run resumed
+    from step 3 of 6 (mid-epoch) ends with the weights of the unbroken run."""
+    from test_trainer import WORDS, params_of, tiny_config, write_data
+
+    import jft.data
+    from jft.train import fit
+
+    data, val = write_data(tmp_path / "train.jsonl"), write_data(tmp_path / "val.jsonl", n=8)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        lines = (" ".join(rng.choice(WORDS, rng.integers(4, 20))) for _ in range(40))
+        (corpus / f"part-{i}.txt").write_text("\n".join(lines) + "\n")
+    texts = [json.dumps(r) for _, r in load_records(data)] + [r["text"] for _, r in load_records(corpus)]
+    train_bpe_tokenizer(texts, vocab_size=300).save_pretrained(tmp_path / "tok")
+    loaded = []
+    real = jft.data.load_records
+    monkeypatch.setattr(jft.data, "load_records", lambda source, **kw: loaded.append(str(source)) or real(source, **kw))
+    common = dict(
+        tokenizer__train_on_data=False,
+        tokenizer__path=str(tmp_path / "tok"),
+        data__train="",
+        data__mixture=((str(corpus), 0.75), (str(data), 0.25)),
+        data__validation=str(val),
+        data__cache_dir=str(tmp_path / "cache"),
+        train__eval_every=0,
+        train__checkpoint_every=3,
+        eval__num_examples=0,
+    )
+    whole = fit(tiny_config(data, train__max_steps=6, **common), tmp_path / "whole")
+    assert loaded == [str(val)]  # the training sources were read by the cache's workers only
+    assert "mixture of 2 sources (0.75: " in whole["train_data"]
+    part = tmp_path / "part"  # the unbroken run as it was at step 3 (mid-epoch), killed there
+    shutil.copytree(tmp_path / "whole", part, ignore=shutil.ignore_patterns("6", "hf", "best", "report.json"))
+    resumed = fit(tiny_config(data, train__max_steps=6, data__num_proc=2, **common), part)
+    assert (resumed["resumed_from"], resumed["steps_run"]) == (3, 3)
+    assert abs(resumed["after"]["loss"] - whole["after"]["loss"]) < 1e-6
+    a, b = params_of(tmp_path / "whole"), params_of(tmp_path / "part")
+    assert all(np.allclose(x, y, atol=1e-6) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    with pytest.raises(Exception, match="tokenizer.train_on_data reads every training record"):
+        fit(tiny_config(data, **{**common, "tokenizer__train_on_data": True}), tmp_path / "refused")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data_cache import bpe, pairs  # noqa: F401 (fixtures)
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
 
@@ -114,6 +115,44 @@ def test_fit_on_two_hosts_then_resume_on_another_mesh(tmp_path):
     # Resumed from the two-host run's checkpoint, not trained afresh to the same result.
     assert (resumed["resumed_from"], resumed["steps_run"]) == (one["resumed_from"], one["steps_run"]) == (4, 2)
     assert abs(resumed["loss"] - one["after"]["loss"]) < 1e-3
+
+
+def test_two_hosts_read_their_shares_of_the_same_global_batches(tmp_path, bpe, pairs):  # noqa: F811
+    """Two processes x 4 devices, each reading only its rows of every batch of a mixture of two
+    cached sources (data=2 x fsdp=4, 2 accumulation steps), then a reader restored mid-epoch,
+    join into the global batches one process reads whole."""
+    import hashlib
+
+    from test_data_cache import SETTINGS
+
+    from jft.data import Batches
+    from jft.data.cache import CachedRows, build_cache
+    from jft.data.mixture import Mixture
+
+    caches = [build_cache(p, bpe, cache_root=tmp_path, **SETTINGS) for p in (pairs[:60], pairs[60:80])]
+    seq_len = str(SETTINGS["max_length"])
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    args = [port, seq_len, *(str(c.folder) for c in caches)]
+    command = lambda i: [sys.executable, str(WORKER), "multihost_batches", str(i), *args]
+    hosts = [subprocess.Popen(command(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    results = []
+    for host in hosts:
+        out, err = host.communicate(timeout=600)
+        assert host.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    mix = Mixture([CachedRows(c, SETTINGS["max_length"]) for c in caches], [0.7, 0.3], seed=7)
+    reader = Batches(mix, 16, seed=7)
+    assert reader.steps_per_epoch < 9 and 6 % reader.steps_per_epoch  # restored mid-epoch, on into the next
+    want = []
+    for _ in range(9):
+        batch, h = next(reader), hashlib.sha256()
+        for k in sorted(batch):
+            h.update(k.encode() + np.ascontiguousarray(batch[k].reshape(16, -1)).tobytes())
+        want.append(h.hexdigest())
+    assert [(r["processes"], r["local"]) for r in results] == [(2, 4), (2, 4)]
+    assert results[0]["batches"] == results[1]["batches"] == want
 
 
 def _expected_peft_spec(path: str, base: dict, ia3: str | None, phm: bool) -> list:

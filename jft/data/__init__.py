@@ -1,6 +1,6 @@
 """Training data: records in four formats -> token ids + loss weights -> packed, resumable batches.
 
-pairs = load_records("train.jsonl")      # or a folder, .json/.parquet/.csv, hub name, tfds:NAME
+pairs = load_records("train.jsonl")      # or a folder, .json/.parquet/.csv/.txt(.gz), hub name, tfds:NAME
 examples, stats = tokenize_records(pairs, tokenizer, vocab_size=V, max_length=L, template=ALPACA)
 batches = Batches(pack(examples, L), batch_size=8, seed=0)
 batch = next(batches)                    # input_ids, targets, loss_weights, segment_ids, positions
@@ -23,18 +23,19 @@ from jft.data.pipeline import (
     Batches,
     Stats,
     in_batches,
-    load_records,
     pack,
     split_validation,
     tokenize_records,
 )
 from jft.data.preference import PairStats, tokenize_pairs
+from jft.data.sources import SUFFIXES, head_records, load_records
 
 __all__ = [
     "ALPACA",
     "FORMATS",
     "KEYS",
     "SIMPLE",
+    "SUFFIXES",
     "TEMPLATES",
     "Batches",
     "DataError",
@@ -43,6 +44,7 @@ __all__ = [
     "Template",
     "detect_format",
     "encode",
+    "head_records",
     "in_batches",
     "load_records",
     "pack",

@@ -48,14 +48,14 @@ import multiprocessing
 import os
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from jft.data.formats import ALPACA, DataError, Template
-from jft.data.pipeline import Stats, _row, check_kept, encoded, load_records
+from jft.data.pipeline import Stats, _row, check_kept, encoded
+from jft.data.sources import PIECE_BYTES, Piece, load_records, pieces, read_piece, source_files
 from jft.safetensors_io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -69,19 +69,26 @@ DTYPES = {"ids": np.int32, "kinds": np.uint8, "offsets": np.int64}
 # ---------------------------------------------------------------------------- key
 
 
+def _sources(data) -> list | None:
+    """``data`` as a list of sources (paths or names), or None for in-memory ``(where, record)`` pairs."""
+    if isinstance(data, (str, os.PathLike)):
+        return [data]
+    if data and all(isinstance(d, (str, os.PathLike)) for d in data):
+        return list(data)
+    return None
+
+
 def _hash_data(data) -> dict:
     """What identifies the records: a content hash for in-memory pairs, file stats for sources."""
-    if isinstance(data, (str, os.PathLike)):
-        data = [data]
-    if data and all(isinstance(d, (str, os.PathLike)) for d in data):
+    sources = _sources(data)
+    if sources is not None:
         out = []
-        for source in data:
-            path = Path(source).expanduser()
-            files = sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else [path]
+        for source in sources:
+            files = source_files(source)
+            if files is None:  # a hub or tfds name: only the name identifies it
+                out.append({"name": str(source)})
+                continue
             for f in files:
-                if not f.is_file():  # a hub or tfds name: only the name identifies it
-                    out.append({"name": str(source)})
-                    continue
                 st = f.stat()
                 entry = {"path": str(f.resolve()), "size": st.st_size}
                 if st.st_size <= SMALL_FILE:
@@ -130,12 +137,21 @@ def _init_worker(tokenizer, settings: dict) -> None:
     _WORKER.update(tokenizer=tokenizer, settings=settings)
 
 
-def _encode_chunk(pairs: Sequence[tuple[str, dict]]) -> dict:
-    """Encode a chunk of records: the kept examples end to end (``ids``, ``kinds``), their lengths, the counts."""
+def _encode_task(task: Piece | Sequence[tuple[str, dict]]) -> dict:
+    """Encode a piece of a file (read here) or a chunk of records: the kept examples end to end
+    (``ids``, ``kinds``), their lengths, the counts and where the first record is."""
     tokenizer, s = _WORKER["tokenizer"], _WORKER["settings"]
-    stats, ids, kinds, lengths = Stats(), [], [], []
+    stats, ids, kinds, lengths, first = Stats(), [], [], [], []
+    pairs = read_piece(task) if isinstance(task, Piece) else task
+
+    def noted(pairs):  # remember where the first record is, for the all-dropped error
+        for pair in pairs:
+            if not first:
+                first.append(pair[0])
+            yield pair
+
     kept = encoded(
-        pairs,
+        noted(pairs),
         tokenizer,
         stats,
         vocab_size=s["vocab_size"],
@@ -154,6 +170,8 @@ def _encode_chunk(pairs: Sequence[tuple[str, dict]]) -> dict:
         "kinds": np.concatenate(kinds) if kinds else np.zeros(0, np.uint8),
         "lengths": np.asarray(lengths, np.int64),
         "stats": stats,
+        "first": first[0] if first else "",
+        "size": task.size if isinstance(task, Piece) else len(task),
     }
 
 
@@ -187,33 +205,6 @@ class _Shards:
         self.pending, self.tokens = [], 0
 
 
-class _Progress:
-    """tqdm over records when it is installed, else a log line every 10 seconds."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.last, self.bar = total, 0, time.monotonic(), None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc="tokenize", unit="rec", dynamic_ncols=True)
-            except ImportError:
-                pass
-        self.enabled = enabled
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and (time.monotonic() - self.last > 10 or self.done == self.total):
-            self.last = time.monotonic()
-            log.info("tokenized %d / %d records", self.done, self.total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ---------------------------------------------------------------------------- build
 
 
@@ -234,18 +225,23 @@ def build_cache(
     num_proc: int = 1,
     start_method: str | None = None,
     chunk_records: int = 1024,
+    piece_bytes: int = PIECE_BYTES,
+    text_unit: str = "line",
     shard_tokens: int = 1 << 24,
     progress: bool = True,
 ) -> TokenCache:
     """Tokenize ``data`` into ``cache_root/<key>/`` (or reuse it) and open it.
 
     ``data``: ``(where, record)`` pairs, or a source or list of sources for
-    :func:`~jft.data.pipeline.load_records`. The settings are those of
+    :func:`~jft.data.sources.load_records`. The settings are those of
     :func:`~jft.data.pipeline.tokenize_records`; ``seq_len`` (default ``max_length``) and
     ``packed`` choose the row layout stored with it (others are added on first use of
-    :meth:`TokenCache.rows`). ``num_proc`` processes encode chunks of ``chunk_records`` records,
-    written in order as shards of about ``shard_tokens`` tokens (5 bytes each); the files do not
-    depend on ``num_proc``. ``start_method`` (multiprocessing's) defaults to ``fork`` on Linux
+    :meth:`TokenCache.rows`). ``num_proc`` processes encode the tasks: pieces of about
+    ``piece_bytes`` of local files (:func:`~jft.data.sources.pieces`, ``text_unit`` for .txt),
+    which each worker reads itself, so the main process never holds the records; or chunks of
+    ``chunk_records`` in-memory records (pairs, hub and TFDS datasets). The results are written
+    in order as shards of about ``shard_tokens`` tokens (5 bytes each); the files do not depend
+    on ``num_proc``. ``start_method`` (multiprocessing's) defaults to ``fork`` on Linux
     before JAX has started a backend, else ``spawn``, which re-imports the caller's main module
     in every worker: a script then needs ``if __name__ == "__main__":``. Raises :class:`DataError`
     for a bad record (naming where), a token id ``vocab_size`` cannot embed, or when every record
@@ -262,18 +258,19 @@ def build_cache(
         "response_loss_weight": float(response_loss_weight),
         "fmt": fmt,
         "chunk_records": int(chunk_records),
+        "piece_bytes": int(piece_bytes),
+        "text_unit": text_unit,
         "shard_tokens": int(shard_tokens),
     }
     root = Path(cache_root).expanduser()
     key = cache_key(data, tokenizer, settings)
     folder = root / key
     if not (folder / MANIFEST).exists():
-        pairs = _pairs(data)
+        tasks, unit = _tasks(data, settings)
         root.mkdir(parents=True, exist_ok=True)
+        write = lambda tmp: _write(tmp, tasks, unit, tokenizer, settings, key, num_proc, start_method, progress)
         try:
-            atomic_write(
-                folder, lambda tmp: _write(tmp, pairs, tokenizer, settings, key, num_proc, start_method, progress)
-            )
+            atomic_write(folder, write)
         except OSError:
             if not (folder / MANIFEST).exists():
                 raise
@@ -286,12 +283,16 @@ def build_cache(
     return cache
 
 
-def _pairs(data) -> list[tuple[str, dict]]:
-    if isinstance(data, (str, os.PathLike)):
-        return load_records(data)
-    if data and all(isinstance(d, (str, os.PathLike)) for d in data):
-        return [pair for source in data for pair in load_records(source)]
-    return list(data)
+def _tasks(data, settings: dict) -> tuple[list, str]:
+    """``(tasks, unit)``: pieces of local files (unit bytes), else chunks of records (unit records)."""
+    sources = _sources(data)
+    if sources is not None and all(source_files(s) is not None for s in sources):
+        size, text_unit = settings["piece_bytes"], settings["text_unit"]
+        return [p for s in sources for p in pieces(s, piece_bytes=size, text_unit=text_unit)], "B"
+    if sources is not None:
+        data = [pair for s in sources for pair in load_records(s, text_unit=settings["text_unit"])]
+    n = settings["chunk_records"]
+    return [data[i : i + n] for i in range(0, len(data), n)], "rec"
 
 
 def _start_method() -> str:
@@ -305,26 +306,29 @@ def _start_method() -> str:
     return "fork" if sys.platform == "linux" and not live else "spawn"
 
 
-def _write(tmp: Path, pairs, tokenizer, settings: dict, key: str, num_proc: int, start_method, progress: bool) -> None:
+def _write(tmp: Path, tasks, unit, tokenizer, settings: dict, key: str, num_proc: int, start_method, progress) -> None:
+    from tqdm.auto import tqdm
+
     if tmp.exists():  # left by a crashed build with this process id
         shutil.rmtree(tmp)
     tmp.mkdir()
-    n = settings["chunk_records"]
-    chunks = [pairs[start : start + n] for start in range(0, len(pairs), n)]
-    writer, bar, stats = _Shards(tmp, settings["shard_tokens"]), _Progress(len(pairs), progress), []
+    writer, stats, first = _Shards(tmp, settings["shard_tokens"]), [], ""
+    total = sum(t.size for t in tasks) if unit == "B" else sum(map(len, tasks))
+    bar = tqdm(total=total, desc="tokenize", unit=unit, unit_scale=True, dynamic_ncols=True, disable=not progress)
     pool = None
     try:
-        if num_proc <= 1 or len(chunks) <= 1:
+        if num_proc <= 1 or len(tasks) <= 1:
             _init_worker(tokenizer, settings)
-            encoded = map(_encode_chunk, chunks)
+            results = map(_encode_task, tasks)
         else:
             ctx = multiprocessing.get_context(start_method or _start_method())
-            pool = ctx.Pool(min(num_proc, len(chunks)), _init_worker, (tokenizer, settings))
-            encoded = pool.imap(_encode_chunk, chunks)  # in order, so the shards are too
-        for chunk in encoded:
-            stats.append(chunk.pop("stats"))
-            writer.add(chunk)
-            bar.update(stats[-1].records)
+            pool = ctx.Pool(min(num_proc, len(tasks)), _init_worker, (tokenizer, settings))
+            results = pool.imap(_encode_task, tasks)  # in order, so the shards are too
+        for result in results:
+            stats.append(result.pop("stats"))
+            first = first or result.pop("first")
+            bar.update(result.pop("size"))
+            writer.add(result)
         writer.flush()
     finally:
         bar.close()
@@ -332,7 +336,10 @@ def _write(tmp: Path, pairs, tokenizer, settings: dict, key: str, num_proc: int,
             pool.terminate()
     shards = writer.shards
     stats = Stats(**{f.name: sum(getattr(s, f.name) for s in stats) for f in dataclasses.fields(Stats)})
-    check_kept(pairs, stats)
+    if not stats.records:
+        where = tasks[0].path if tasks and isinstance(tasks[0], Piece) else "the data"
+        raise DataError(f"{where}: no records (the source is empty)")
+    check_kept(stats, first)
     manifest = {
         "version": VERSION,
         "key": key,
@@ -355,8 +362,9 @@ def _damaged(path: Path, what: str) -> DataError:
 class TokenCache:
     """An opened cache folder: ``len`` examples, ``cache[i] -> (ids [n] int32, weights [n] float32)``.
 
-    The token arrays are memory-mapped (``np.load(mmap_mode="r")``): opening reads only the
-    manifest and the offsets, and an example is two slices. Raises :class:`DataError` naming
+    Every array is memory-mapped (``np.load(mmap_mode="r")``): opening reads the manifest and the
+    file headers, so it takes the same time and memory for any corpus, and an example is three
+    slices. Raises :class:`DataError` naming
     the file when the manifest or a shard is missing, malformed or of the wrong size.
     """
 
@@ -382,7 +390,7 @@ class TokenCache:
                 file = self.folder / f"{shard['name']}.{part}.npy"
                 size = shard["examples"] + 1 if part == "offsets" else shard["tokens"]
                 try:
-                    arrays[part] = np.load(file, mmap_mode="r" if part != "offsets" else None)
+                    arrays[part] = np.load(file, mmap_mode="r")
                 except FileNotFoundError as e:
                     raise _damaged(file, "missing") from e
                 except (ValueError, OSError, EOFError) as e:  # a truncated or garbled .npy
@@ -391,14 +399,18 @@ class TokenCache:
                 if got.shape != (size,) or got.dtype != want:
                     raise _damaged(file, f"{got.dtype} {got.shape}, the manifest says {want} ({size},)")
             offsets = arrays["offsets"]
-            if offsets[0] != 0 or offsets[-1] != shard["tokens"] or np.any(np.diff(offsets) < 0):
+            if offsets[0] != 0 or offsets[-1] != shard["tokens"]:
                 raise _damaged(self.folder / f"{shard['name']}.offsets.npy", "offsets do not match the tokens")
             self._ids.append(arrays["ids"])
             self._kinds.append(arrays["kinds"])
             self._offsets.append(offsets)
         counts = [len(o) - 1 for o in self._offsets]
         self._first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # [shards + 1]
-        self.lengths = np.concatenate([np.diff(o) for o in self._offsets]) if counts else np.zeros(0, np.int64)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """``[examples]`` int64 token counts (read from every shard's offsets: O(examples))."""
+        return np.concatenate([np.diff(o) for o in self._offsets]) if self._offsets else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return int(self._first[-1])
@@ -423,17 +435,21 @@ class TokenCache:
         ``(seq_len, packed)`` and stored in the folder (atomically) for the next run.
         """
         file = self.folder / f"rows-{seq_len}-{'packed' if packed else 'single'}.npy"
+        bounds = self._stored(file, lambda: pack_bounds(self.lengths, seq_len, packed=packed))
+        if bounds.ndim != 1 or bounds[0] != 0 or bounds[-1] != len(self):
+            raise _damaged(file, "its rows do not cover the examples")
+        return bounds
+
+    def _stored(self, file: Path, compute) -> np.ndarray:
+        """An array computed from the cache once, then read from ``file`` in the folder."""
         if file.exists():
             try:
-                bounds = np.load(file)
+                return np.load(file, mmap_mode="r")
             except (ValueError, OSError, EOFError) as e:
                 raise _damaged(file, f"unreadable ({e})") from e
-            if bounds.ndim != 1 or bounds[0] != 0 or bounds[-1] != len(self):
-                raise _damaged(file, "its rows do not cover the examples")
-            return bounds
-        bounds = pack_bounds(self.lengths, seq_len, packed=packed)
-        atomic_write(file, lambda tmp: np.save(tmp, bounds))
-        return bounds
+        array = compute()
+        atomic_write(file, lambda tmp: np.save(tmp, array))
+        return array
 
     def row(self, r: int, seq_len: int, packed: bool = True) -> dict[str, np.ndarray]:
         """Packed row ``r``: a dict of ``KEYS`` -> ``[seq_len]`` arrays, equal to ``pack(...)[r]``."""
@@ -460,13 +476,19 @@ class CachedRows(Sequence):
         return _row([self.cache[i] for i in range(lo, hi)], self.seq_len)
 
     def target_counts(self, vocab: int) -> np.ndarray:
-        """``[vocab]``: how often each token is a weighted training target (as the SFT objective counts)."""
-        counts = np.zeros(vocab, np.int64)
-        for ids, kinds, offsets in zip(self.cache._ids, self.cache._kinds, self.cache._offsets, strict=True):
-            target = self.cache.weights[np.asarray(kinds)] > 0
-            target[offsets[:-1]] = False  # an example's first token is never a target
-            counts += np.bincount(np.asarray(ids)[target], minlength=vocab)
-        return counts
+        """``[vocab]``: how often each token is a weighted training target (as the SFT objective
+        counts), over the whole cache; computed once, then stored in its folder."""
+        cache = self.cache
+
+        def count():
+            counts = np.zeros(vocab, np.int64)
+            for ids, kinds, offsets in zip(cache._ids, cache._kinds, cache._offsets, strict=True):
+                target = cache.weights[np.asarray(kinds)] > 0
+                target[offsets[:-1]] = False  # an example's first token is never a target
+                counts += np.bincount(np.asarray(ids)[target], minlength=vocab)
+            return counts
+
+        return cache._stored(cache.folder / f"targets-{vocab}.npy", count)
 
 
 def pack_bounds(lengths: np.ndarray, seq_len: int, *, packed: bool = True) -> np.ndarray:

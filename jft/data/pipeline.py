@@ -14,124 +14,17 @@ A batch holds ``input_ids``, ``targets`` and ``segment_ids``, ``positions`` (int
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from jft.data.formats import ALPACA, RESPONSE, DataError, Template, encode_kinds
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
 Example = tuple[np.ndarray, np.ndarray]  # ids [n] int32, weights [n] float32
 
-# ---------------------------------------------------------------------------- load
-
-
-def _jsonl(path: Path) -> list[tuple[str, dict]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
-            out.append((f"{path}:{n}", record))
-    return out
-
-
-def _json(path: Path) -> list[tuple[str, dict]]:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
-    return [(f"{path} record {i}", r) for i, r in enumerate(records, 1)]
-
-
-def _table(path: Path) -> list[tuple[str, dict]]:
-    import datasets
-
-    ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
-    return [(f"{path} row {i}", r) for i, r in enumerate(ds, 1)]
-
-
-def _file(path: Path) -> list[tuple[str, dict]]:
-    readers = {".jsonl": _jsonl, ".json": _json, ".parquet": _table, ".csv": _table}
-    if path.suffix not in readers:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {SUFFIXES}")
-    return readers[path.suffix](path)
-
-
-def _hub(name: str, split: str) -> list[tuple[str, dict]]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # offline, unknown name or split
-        raise DataError(
-            f"{name}: not a local file or folder, and not loadable as a Hugging Face dataset (split {split!r}): {e}"
-        ) from e
-    return [(f"{name}[{split}] row {i}", r) for i, r in enumerate(ds, 1)]
-
-
-def _tfds(name: str, split: str, data_dir: str | None) -> list[tuple[str, dict]]:
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise DataError(f"tfds:{name}: tensorflow_datasets is not installed; pip install 'jft[tfds]'") from e
-
-    def py(value):  # numpy bytes / scalars / arrays -> str / number / list
-        if isinstance(value, bytes):
-            return value.decode("utf-8")
-        if isinstance(value, dict):
-            return {k: py(v) for k, v in value.items()}
-        if isinstance(value, np.ndarray):
-            return [py(v) for v in value.tolist()] if value.ndim else py(value.item())
-        return value.item() if isinstance(value, np.generic) else value
-
-    try:
-        ds = tfds.load(name, split=split, data_dir=data_dir)
-    except Exception as e:
-        raise DataError(f"tfds:{name}: could not be loaded (split {split!r}, data_dir {data_dir!r}): {e}") from e
-    return [(f"tfds:{name}[{split}] row {i}", py(r)) for i, r in enumerate(tfds.as_numpy(ds), 1)]
-
-
-def load_records(source: str | Path, *, split: str = "train", data_dir: str | None = None) -> list[tuple[str, dict]]:
-    """Read every record of a source as ``(where, record)`` pairs; ``where`` is ``file:line`` or alike.
-
-    Sources: a ``.jsonl`` / ``.json`` (a list) / ``.parquet`` / ``.csv`` file; a folder of
-    such files (its top level, in name order); ``tfds:NAME`` (TensorFlow Datasets, with
-    ``data_dir``); anything else is a Hugging Face hub dataset name (with ``split``).
-    Raises :class:`DataError` for a malformed line (naming ``file:line``), a missing or
-    unsupported file, a record that is not an object, and a source with no records.
-    """
-    source = str(source)
-    path = Path(source).expanduser()
-    if source.startswith("tfds:"):
-        pairs = _tfds(source[5:], split, data_dir)
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"{source}: folder has no {'/'.join(SUFFIXES)} files")
-        pairs = [pair for f in files for pair in _file(f)]
-    elif path.is_file():
-        pairs = _file(path)
-    elif path.suffix in SUFFIXES or source.startswith((".", "/", "~")):
-        raise DataError(f"{source}: no such file or folder")
-    else:
-        pairs = _hub(source, split)
-    for where, record in pairs:
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: record is a {type(record).__name__}, expected an object of fields")
-    if not pairs:
-        raise DataError(f"{source}: no records (the source is empty)")
-    return pairs
+# ---------------------------------------------------------------------------- split
 
 
 def split_validation(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:
@@ -240,11 +133,11 @@ def tokenize_records(
         fmt=fmt,
     )
     examples = [(ids, weights) for ids, _, weights in kept]
-    check_kept(pairs, stats)
+    check_kept(stats, pairs[0][0] if pairs else "")
     return examples, stats
 
 
-def encoded(pairs: Sequence[tuple[str, dict]], tokenizer, stats: Stats, **settings) -> Iterator[tuple]:
+def encoded(pairs: Iterable[tuple[str, dict]], tokenizer, stats: Stats, **settings) -> Iterator[tuple]:
     """The kept examples of ``pairs`` in order, ``(ids, kinds, weights)`` as :func:`encode_example`
     gives them (``settings`` are its keywords), each record counted into ``stats``."""
     for where, record in pairs:
@@ -260,11 +153,12 @@ def encoded(pairs: Sequence[tuple[str, dict]], tokenizer, stats: Stats, **settin
         yield ids, kinds, weights
 
 
-def check_kept(pairs: Sequence[tuple[str, dict]], stats: Stats) -> None:
-    """Raise :class:`DataError` when records were read and tokenization kept none of them."""
-    if pairs and not stats.tokens:
+def check_kept(stats: Stats, first: str) -> None:
+    """Raise :class:`DataError` when records were read and tokenization kept none of them
+    (``first``: where the first record is)."""
+    if stats.records and not stats.tokens:
         raise DataError(
-            f"all {stats.records} records were dropped (the first: {pairs[0][0]}; {stats}); "
+            f"all {stats.records} records were dropped (the first: {first}; {stats}); "
             "check max_length and the loss weights"
         )
 
@@ -333,7 +227,9 @@ class Batches:
     order (or in order, ``shuffle=False``), so any batch follows from ``(seed, epoch,
     index)`` alone. Iterating never ends: it moves on to the next epoch. With
     ``drop_remainder=False`` the last batch of an epoch is filled with empty rows (weight 0),
-    so every batch has the same shape.
+    so every batch has the same shape. ``positions`` (indices into a batch) makes every batch
+    just those of its rows: on a pod each host builds only the rows its devices hold
+    (:func:`jft.sharding.host_rows`), and the global batch is the same for any host count.
 
         batches = Batches(rows, batch_size=8, seed=0)
         batch = next(batches)               # dict of [8, seq_len] arrays
@@ -342,18 +238,25 @@ class Batches:
     """
 
     def __init__(
-        self, rows: Sequence[dict], batch_size: int, seed: int, shuffle: bool = True, drop_remainder: bool = True
+        self,
+        rows: Sequence[dict],
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_remainder: bool = True,
+        positions: Sequence[int] | None = None,
     ):
         if len(rows) < batch_size:
             raise DataError(
                 f"{len(rows)} rows of data is fewer than batch_size {batch_size}; "
                 "add data, lower the batch size or shorten seq_len"
             )
-        # a list is stacked once ([rows, ...] per key); any other sequence (jft.data.cache.CachedRows)
-        # is read a batch at a time, so host memory holds one batch of it
+        # a list is stacked once ([rows, ...] per key); any other sequence (jft.data.cache.CachedRows,
+        # jft.data.mixture.Mixture) is read a batch at a time, so host memory holds one batch of it
         self.rows = rows
         self.data = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if isinstance(rows, list) else None
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.positions = None if positions is None else np.asarray(positions, np.int64)
         self.num_rows = len(rows)
         n = self.num_rows // batch_size if drop_remainder else math.ceil(self.num_rows / batch_size)
         self.steps_per_epoch = n
@@ -368,15 +271,22 @@ class Batches:
         return self._order[1]
 
     def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-        """Batch ``index`` of ``epoch``: a dict of ``[batch_size, seq_len]`` arrays."""
+        """Batch ``index`` of ``epoch``: a dict of ``[batch_size, seq_len]`` arrays, or with
+        ``positions`` only those rows of it (``[len(positions), seq_len]``: a host's share)."""
         take = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
-        pad = self.batch_size - len(take)
+        take = np.concatenate([take, np.full(self.batch_size - len(take), -1)])  # -1: an empty row
+        if self.positions is not None:
+            take = take[self.positions]
         if self.data is None:
-            rows = [self.rows[int(i)] for i in take]
-            picked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        else:
-            picked = {k: v[take] for k, v in self.data.items()}
-        return {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in picked.items()}
+            got = {int(i): self.rows[int(i)] for i in take if i >= 0}
+            like = next(iter(got.values())) if got else self.rows[0]
+            blank = {k: np.zeros_like(v) for k, v in like.items()}
+            rows = [got[int(i)] if i >= 0 else blank for i in take]
+            return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        real = take >= 0
+        return {
+            k: np.where(real.reshape(-1, *[1] * (v.ndim - 1)), v[np.maximum(take, 0)], 0) for k, v in self.data.items()
+        }
 
     def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """Every batch of one epoch, in order (does not move the iterator)."""

@@ -35,12 +35,16 @@ class Objective:
     - :meth:`add_frozen`: frozen params it keeps beside the model (a reference policy), and
       :meth:`add_reference`: the same for evaluating a model folder against another one;
     - :meth:`rows`: its train and validation rows, each a dict of numpy arrays of any keys
-      (:class:`jft.data.Batches` batches them);
+      (:class:`jft.data.Batches` batches them); ``mixes``: whether it takes ``data.mixture`` and
+      local training sources read by the data cache's workers (:class:`jft.data.mixture.Part` s)
+      in place of the training records;
     - :meth:`loss`: ``loss_fn(trainable, frozen, batch, rng) -> (loss_sum, weight_sum, metrics)``,
       metrics as sums and always with ``tokens``, the count of tokens trained on;
     - :meth:`make_step`: the loop's step from the jitted train step (default: the train step on
       the batch; RL objectives sample and score completions first), and ``updates_per_step``,
       the optimizer updates one loop step makes (the schedule's length is ``max_steps`` times it);
+      ``host_local``: whether its step takes each host's share of the batch only (the default
+      step does; one that samples from the whole batch on the host does not);
     - :meth:`state` / :meth:`load_state`: host-side values the objective carries from step to step
       (PPO's adaptive KL coefficient), saved with each checkpoint's metadata as JSON;
     - :meth:`validate`: the validation report (with ``loss``, for early stopping), by default
@@ -53,6 +57,8 @@ class Objective:
     model_overrides: dict = {}
     train_rules: tuple = ()
     updates_per_step = 1
+    mixes = False
+    host_local = True
 
     def __init__(self, cfg):
         self.cfg = cfg  # the run's config (its section for this objective holds its settings)

@@ -87,6 +87,7 @@ class Distill(SFT):
     and ``perplexity`` of the data, and ``loss`` (the mixed objective)."""
 
     name = "distill"
+    host_local = False  # on-policy steps sample as many prompts as the whole batch has rows
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -189,6 +189,7 @@ class RLObjective(Objective):
 
     section = ""
     samples_per_prompt = 1
+    host_local = False  # every host samples completions for the whole batch of prompts
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -13,6 +13,7 @@ import numpy as np
 from jft import data as jdata
 from jft import metrics as jmetrics
 from jft import partition, sharding
+from jft.data.mixture import Mixture, Part
 from jft.losses import chunked_cross_entropy, token_log_probs
 from jft.objectives.base import Objective, hidden_states, model_params, per_weight
 
@@ -69,21 +70,39 @@ class SFT(Objective):
 
     name = "sft"
 
+    mixes = True
+
     def rows(self, records, tokenizer, vocab):
-        cfg, out = self.cfg, {}
-        for split, pairs in zip(("train", "validation"), records, strict=True):
-            if split == "train" and cfg.data.cache_dir:  # tokenized once, rows read from disk
-                rows = cached_rows(cfg, pairs, tokenizer, vocab)
-                out[split], out[f"{split}_stats"] = rows, str(rows.cache.stats)
-                self.train_counts = rows.target_counts(vocab)
-                continue
-            examples, stats = tokenize(cfg, pairs, tokenizer, vocab)
-            out[split] = jdata.pack(examples, cfg.data.seq_len, packed=cfg.data.pack)
-            out[f"{split}_stats"] = str(stats)
-            if split == "train":  # how often each token was a training target: the frequency slices
-                targets = [ids[1:][weights[1:] > 0] for ids, weights in examples]
-                self.train_counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *targets]), minlength=vocab)
+        """The packed rows; the training records may be :class:`jft.data.mixture.Part` s (a
+        ``data.mixture``, or sources the data cache's workers read), mixed at their weights."""
+        cfg, (train, validation) = self.cfg, records
+        parts = train if train and isinstance(train[0], Part) else [Part(train)]
+        rows, stats, self.train_counts = [], [], np.zeros(vocab, np.int64)  # the frequency slices
+        for part in parts:
+            part_rows, part_stats, counts = self._rows(part.data, tokenizer, vocab, cached=bool(cfg.data.cache_dir))
+            rows.append(part_rows)
+            stats.append(part_stats)
+            self.train_counts += counts
+        out = {"train": rows[0], "train_stats": stats[0]}
+        if len(parts) > 1:
+            out["train"] = Mixture(rows, [p.weight for p in parts], cfg.train.seed)
+            out["train_stats"] = "; ".join(stats) + f" -> {out['train'].describe()}"
+        out["validation"], out["validation_stats"], _ = self._rows(validation, tokenizer, vocab, cached=False)
         return out
+
+    def _rows(self, data, tokenizer, vocab, cached: bool):
+        """``(rows, stats line, [vocab] target counts)`` of pairs or a source: from the data cache
+        (``data.cache_dir``) or tokenized in memory."""
+        cfg = self.cfg
+        counts = np.zeros(vocab, np.int64)  # how often each token is a target: only eval.slices asks
+        if cached:  # tokenized once, rows read from disk
+            rows = cached_rows(cfg, data, tokenizer, vocab)
+            return rows, str(rows.cache.stats), rows.target_counts(vocab) if cfg.eval.slices else counts
+        examples, stats = tokenize(cfg, data, tokenizer, vocab)
+        if cfg.eval.slices:
+            targets = [ids[1:][weights[1:] > 0] for ids, weights in examples]
+            counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *targets]), minlength=vocab)
+        return jdata.pack(examples, cfg.data.seq_len, packed=cfg.data.pack), str(stats), counts
 
     def loss(self, model, mesh=None, rules=sharding.DEFAULT_RULES):
         return token_loss(model, mesh, rules)
@@ -106,14 +125,15 @@ class SFT(Objective):
         return out
 
 
-def cached_rows(cfg, pairs, tokenizer, vocab_size: int):
-    """The packed rows of ``pairs`` from the on-disk cache under ``data.cache_dir`` (built on first
-    use, by ``data.num_proc`` processes): the rows :func:`tokenize` and ``pack`` would give."""
+def cached_rows(cfg, data, tokenizer, vocab_size: int):
+    """The packed rows of ``data`` (pairs, or a source) from the on-disk cache under
+    ``data.cache_dir`` (built on first use, by ``data.num_proc`` processes): the rows
+    :func:`tokenize` and ``pack`` would give."""
     from jft.data.cache import CachedRows, build_cache
 
     d = cfg.data
     cache = build_cache(
-        pairs,
+        data,
         tokenizer,
         cache_root=d.cache_dir,
         vocab_size=vocab_size,
@@ -121,6 +141,7 @@ def cached_rows(cfg, pairs, tokenizer, vocab_size: int):
         seq_len=d.seq_len,
         packed=d.pack,
         num_proc=d.num_proc,
+        text_unit=d.text_unit,
         progress=jax.process_index() == 0,
     )
     return CachedRows(cache, d.seq_len, d.pack)

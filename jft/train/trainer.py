@@ -33,6 +33,8 @@ from jft import data as jdata
 from jft import metrics as jmetrics
 from jft import partition, peft, sharding
 from jft.config import ConfigDict, ConfigError, check, default_config, resolve_compute_dtype, to_json
+from jft.data.mixture import Part
+from jft.data.sources import source_files
 from jft.hf import load_hf, load_tokenizer
 from jft.models import attention as attention_lib
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
@@ -78,7 +80,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     objective = _objective(cfg)
 
     # ------------------------------------------------------------------ Data records + tokenizer
-    train_pairs, val_pairs = _records(cfg)
+    train_pairs, val_pairs = _records(cfg, objective)
     tokenizer = _tokenizer(cfg, workdir, train_pairs)
 
     # ------------------------------------------------------------------ Mesh (one device = a 1x1x1 mesh)
@@ -103,7 +105,12 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     data = objective.rows((train_pairs, val_pairs), tokenizer, vocab)
     train_rows, val_rows = data["train"], data["validation"]
     train_stats, val_stats = data["train_stats"], data["validation_stats"]
-    batches = jdata.Batches(train_rows, cfg.train.batch_size, cfg.train.seed)
+    # Each host reads only the rows of a batch that its devices hold (objective.host_local); the
+    # batches' order follows from the seed alone, so any host count sees the same global batches.
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    local = sharding.host_rows(batch_sharding, cfg.train.batch_size, cfg.train.grad_accum)
+    local = local if objective.host_local else None
+    batches = jdata.Batches(train_rows, cfg.train.batch_size, cfg.train.seed, positions=local)
     total_steps = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
     updates = objective.updates_per_step  # optimizer updates per step of the loop (the schedule counts them)
     _log(main, f"{objective.name} data: {train_stats} -> {len(train_rows)} rows; validation: {val_stats}")
@@ -119,7 +126,7 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     prepared = objective.prepare_rows(model, params, data, workdir)  # after the checks: it may write there
     if prepared is not data:
         train_rows, val_rows = prepared["train"], prepared["validation"]
-        batches = jdata.Batches(train_rows, cfg.train.batch_size, cfg.train.seed)
+        batches = jdata.Batches(train_rows, cfg.train.batch_size, cfg.train.seed, positions=local)
 
     # ------------------------------------------------------------------ Partition + optimizer
     num_layers = model.config.num_hidden_layers
@@ -132,7 +139,6 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     params, labels = objective.add_frozen(model, params, labels, mesh, rules)  # e.g. a reference policy's copy
     masks = partition.layer_masks(partition.split(params, labels)[0], labels)  # partly frozen layer stacks
     tx, schedule = optimizer_from_config(cfg.optim, total_steps * updates, masks, seed=cfg.train.seed)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
     eval_sharding = sharding.batch_sharding(mesh, rules, accum=False)
     state = sharding.on_mesh(TrainState.create(params, labels, tx, jax.random.key(cfg.train.seed)), mesh)
     del params  # the first step donates (and so deletes) these buffers
@@ -144,7 +150,9 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     accum = cfg.train.grad_accum
 
     def put(batch: dict) -> dict:  # host rows [batch, ...] -> [grad_accum, micro-batch, ...] on the mesh
-        return sharding.put_batch({k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}, batch_sharding)
+        shaped = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
+        rows = None if local is None else cfg.train.batch_size // accum  # the batch is this host's share
+        return sharding.put_batch(shaped, batch_sharding, rows=rows)
 
     step_fn = objective.make_step(model, train_step, put, tokenizer)
 
@@ -300,7 +308,7 @@ def evaluate(
         path, dtype=cfg.model.dtype, compute_dtype=resolve_compute_dtype(cfg), **objective.model_overrides
     )
     ref_params = load(reference)[1] if reference else None
-    train_pairs, pairs = _records(cfg)
+    train_pairs, pairs = _records(cfg, objective)
     # the training records only count tokens for the frequency slices (eval.slices)
     counted = train_pairs if cfg.eval.slices else []
 
@@ -357,13 +365,49 @@ def _objective(cfg) -> Objective:
     return TASKS[cfg.task](cfg)
 
 
-def _records(cfg):
-    """(train, validation) lists of (where, record): data.validation, or a seeded held-out share."""
-    load = lambda source: jdata.load_records(source, split=cfg.data.split, data_dir=cfg.data.data_dir or None)
-    train = load(cfg.data.train)
-    if cfg.data.validation:
-        return train, load(cfg.data.validation)
-    return jdata.split_validation(train, cfg.data.validation_fraction, cfg.train.seed)
+def _records(cfg, objective: Objective):
+    """``(train, validation)``. Validation: the records of ``data.validation``, or a seeded
+    held-out share of each training source. Train: a list of ``(where, record)`` pairs, or, for an
+    objective that ``mixes``, a list of :class:`jft.data.mixture.Part` s when ``data.mixture`` is
+    set or a local source is left to the data cache's workers (``data.cache_dir`` with
+    ``data.validation``: nothing is held out of it, so no process need read it whole)."""
+    d = cfg.data
+    load = lambda source: jdata.load_records(source, split=d.split, data_dir=d.data_dir or None, text_unit=d.text_unit)
+    if bool(d.train) == bool(d.mixture):
+        raise ConfigError("set one of data.train (a source) and data.mixture ((source, weight) pairs)")
+    if d.mixture and not objective.mixes:
+        raise ConfigError(f"data.mixture is read by task=sft, not task={cfg.task!r}; set data.train")
+    try:
+        sources = [(str(s), float(w)) for s, w in d.mixture] if d.mixture else [(d.train, 1.0)]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.mixture={d.mixture!r}: expected (source, weight) pairs ({e})") from None
+    validation = load(d.validation) if d.validation else []
+    parts = []
+    for source, weight in sources:
+        if objective.mixes and d.cache_dir and d.validation and source_files(source) is not None:
+            parts.append(Part(source, weight))  # read in pieces by the cache's workers
+            continue
+        pairs = load(source)
+        if not d.validation:
+            pairs, held = jdata.split_validation(pairs, d.validation_fraction, cfg.train.seed)
+            validation += held
+        parts.append(Part(pairs, weight))
+    if len(parts) == 1 and not isinstance(parts[0].data, str):
+        return parts[0].data, validation
+    return parts, validation
+
+
+def _in_memory(train) -> list:
+    """The ``(where, record)`` pairs of :func:`_records`' train, refusing sources left on disk."""
+    if not (train and isinstance(train[0], Part)):
+        return train
+    if any(isinstance(p.data, str) for p in train):
+        raise ConfigError(
+            "tokenizer.train_on_data reads every training record into memory, but data.cache_dir with "
+            "data.validation leaves the training files on disk; train a tokenizer first "
+            "(jft.tokenizer.train_bpe_tokenizer) and set tokenizer.path"
+        )
+    return [pair for p in train for pair in p.data]
 
 
 def _tokenizer(cfg, workdir: Path, train_pairs):
@@ -373,7 +417,7 @@ def _tokenizer(cfg, workdir: Path, train_pairs):
     if cfg.tokenizer.train_on_data:
         from jft.tokenizer import train_bpe_tokenizer
 
-        texts = [v for _, r in train_pairs for v in _strings(r)]
+        texts = [v for _, r in _in_memory(train_pairs) for v in _strings(r)]
         tokenizer = train_bpe_tokenizer(texts)
     else:
         source = cfg.tokenizer.path or cfg.model.path
