@@ -1,7 +1,9 @@
-"""Vocabulary extension: old tokens keep their logits, new rows start at the mean, transformers loads the export."""
+"""Vocabulary extension: old tokens keep their logits, new rows start at the mean, transformers loads the
+export; learned tokens; which rows train."""
 
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from test_hf import tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jft
-from jft.vocab import extend_vocabulary, tokens_per_word
+from jft import partition
+from jft.vocab import extend_vocabulary, learn_tokens, new_row_labels, table_rules, tokens_per_word
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "llama_tied"])
@@ -61,3 +64,68 @@ def test_domain_tokens_lower_tokens_per_word_and_known_ones_change_nothing():
     params = {"model": {}}
     got = extend_vocabulary(model, params, tokenizer, ["CRISPR", "the"])
     assert got[0] is model and got[1] is params and got[3] == []
+
+
+def char_tokenizer():
+    """Every lowercase letter one token (a BPE without merges): every word of two letters or more splits."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz"])}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_learned_tokens_are_the_most_frequent_split_words_ties_by_the_word():
+    tokenizer = char_tokenizer()
+    texts = ["cell, gene. bead cell", "cell gene bead x x dna", "(cell) a a"] * 3
+    # cell 9, then bead = gene 6 (tie: bead first), dna 3; "x" and "a" are tokens already
+    assert learn_tokens(tokenizer, texts, 3) == ["cell", "bead", "gene"]
+    assert learn_tokens(tokenizer, texts, 10, skip=["bead"]) == ["cell", "gene", "dna"]
+    assert learn_tokens(tokenizer, texts[1:2], 10) == []  # each word seen once: not frequent
+    assert learn_tokens(tokenizer, texts, 0) == []
+    before = tokens_per_word(tokenizer, texts)
+    tokenizer.add_tokens(learn_tokens(tokenizer, texts, 3))
+    assert tokens_per_word(tokenizer, texts) < before
+
+
+def test_new_row_labels_train_the_new_rows_and_hold_the_old_ones_bit_identical():
+    from test_train_step import accum, make_batch
+
+    from jft.objectives import token_loss
+    from jft.train import TrainState, make_optimizer, make_train_step
+
+    config = jft.LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    model = jft.LlamaForCausalLM(config)
+    params = model.init_params(jax.random.key(0))
+    rules = (("model/norm/.*", "trainable"), ("lm_head/.*", "frozen"), (".*", "frozen"))
+    extra = table_rules(params, rules, "new")
+    assert extra == (("model/embed_tokens/embedding", "trainable"), ("lm_head/kernel", "trainable"))
+    assert table_rules(params, partition.FULL, "new") == table_rules(params, rules, "rules") == ()
+    new = [60, 61, 62, 63]
+    labels = new_row_labels(partition.labels(params, extra + rules), params, new, extra)
+    assert labels["model"]["embed_tokens"]["embedding"].shape == (64, 1)
+    assert labels["lm_head"]["kernel"].shape == (1, 64)
+    trainable, frozen = partition.split(params, labels)
+    assert "embed_tokens" in trainable["model"] and "lm_head" in trainable and "layers" in frozen["model"]
+    counted = 32 + 2 * len(new) * 32  # the final norm and four rows of each table
+    assert f"trainable parameters: {counted:,} /" in partition.summary(params, labels)
+
+    masks = partition.layer_masks(trainable, labels)
+    tx, schedule = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=0, weight_decay=0.1, masks=masks)
+    step = jax.jit(make_train_step(token_loss(model), tx, schedule, masks))
+    state = TrainState.create(params, labels, tx, jax.random.key(1))
+    for i in range(3):
+        state, _ = step(state, accum(make_batch(i, 4), 2))
+    after = state.params
+    for got, was, axis in (
+        (after["model"]["embed_tokens"]["embedding"], params["model"]["embed_tokens"]["embedding"], 0),
+        (after["lm_head"]["kernel"], params["lm_head"]["kernel"], 1),
+    ):
+        got, was = np.moveaxis(np.asarray(got), axis, 0), np.moveaxis(np.asarray(was), axis, 0)  # [vocab, embed]
+        np.testing.assert_array_equal(got[:60], was[:60])  # weight decay included
+        assert not np.any(np.all(got[60:] == was[60:], axis=1)), "a new row did not train"
+    np.testing.assert_array_equal(
+        after["model"]["layers"]["mlp"]["up_proj"]["kernel"], frozen["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    )
