@@ -1,5 +1,5 @@
 """Vocabulary extension: old tokens keep their logits, new rows start at the mean, transformers loads the
-export; learned tokens; which rows train."""
+export; learned tokens; which rows train; the tokenizer.add_tokens / learn_tokens / train_rows settings."""
 
 import shutil
 
@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jft
 from jft import partition
+from jft.config import ConfigError, check, default_config
+from jft.train import fit
 from jft.vocab import extend_vocabulary, learn_tokens, new_row_labels, table_rules, tokens_per_word
 
 
@@ -129,3 +131,32 @@ def test_new_row_labels_train_the_new_rows_and_hold_the_old_ones_bit_identical()
     np.testing.assert_array_equal(
         after["model"]["layers"]["mlp"]["up_proj"]["kernel"], frozen["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     )
+
+
+# ---------------------------------------------------------------------------- jft train
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("add_tokens", ("mRNA", 3), r"tokenizer.add_tokens\[1\] is 3; each token is a non-empty string"),
+        ("add_tokens", ("",), r"tokenizer.add_tokens\[0\] is ''"),
+        ("add_tokens", ("mRNA", "mRNA"), r"lists 'mRNA' twice"),
+        ("learn_tokens", -1, r"tokenizer.learn_tokens=-1; use 0"),
+        ("train_rows", "old", r"tokenizer.train_rows='old'; choose one of \('new', 'all', 'rules'\)"),
+    ],
+)
+def test_bad_vocabulary_settings_are_config_errors(tmp_path, field, value, message):
+    cfg = default_config()
+    cfg.model.path = str(tmp_path)
+    cfg.tokenizer[field] = value
+    with pytest.raises(ConfigError, match=message):
+        check(cfg)
+
+
+def test_a_vocabulary_needs_a_pretrained_model(tmp_path):
+    cfg = default_config()
+    cfg.tokenizer.add_tokens = ("mRNA",)
+    with pytest.raises(ConfigError, match="need model.path and tokenizer.train_on_data=False"):
+        fit(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
