@@ -19,6 +19,7 @@ from pathlib import Path
 import ml_collections
 
 from jft.sharding import DEFAULT_RULES
+from jft.vocab import TRAIN_ROWS
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -77,6 +78,18 @@ def default_config() -> ConfigDict:
     c.tokenizer = ConfigDict()
     c.tokenizer.path = ""  # tokenizer folder; "" = model.path's tokenizer
     c.tokenizer.train_on_data = False  # build a small BPE tokenizer from the training data (new models)
+    # Domain vocabulary (jft.vocab; needs model.path): tokens added whole to the tokenizer, e.g.
+    # ("mRNA", "CRISPR"), with new embedding / lm_head rows at the mean of the old ones
+    c.tokenizer.add_tokens = ()
+    # also add up to this many tokens learned from the training data: the most frequent words (seen
+    # twice or more, ties by the word) of its first 10,000 records that the tokenizer splits into
+    # two or more tokens; learned once, kept in workdir/vocabulary.json for resumes
+    c.tokenizer.learn_tokens = 0
+    # which rows of embed_tokens (and an untied lm_head) train once tokens are added: new = the new
+    # rows always, the old ones only where train.rules / peft.train train the tables (full
+    # fine-tuning trains them all; under PEFT or frozen tables they stay bit-identical); all = every
+    # row, whatever the rules say; rules = as the rules say (under PEFT the new rows then stay at the mean)
+    c.tokenizer.train_rows = "new"
 
     c.data = ConfigDict()
     # training data: a .jsonl/.json/.parquet/.csv/.txt/.jsonl.gz/.txt.gz file or a folder of them, a hub
@@ -308,12 +321,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ConfigDict:
     for item in overrides:
         override(cfg, item)
     _check_precision(cfg, str(file))  # after the overrides: they may fix what the file sets
+    _check_vocabulary(cfg, str(file))
     return cfg
 
 
 def check(cfg: ConfigDict, where: str = "config", values: bool = True) -> None:
     """Raise :class:`ConfigError` when ``cfg`` has keys the schema lacks (or lacks some), or, with
-    ``values``, dtype settings that are unknown or impossible (warnings for wasteful ones)."""
+    ``values``, dtype settings that are unknown or impossible (warnings for wasteful ones) and bad
+    vocabulary settings (``tokenizer.add_tokens``, ``learn_tokens``, ``train_rows``)."""
     ours, schema = _keys(cfg), _keys(default_config())
     unknown, missing = sorted(ours - schema), sorted(schema - ours)
     if unknown:
@@ -322,6 +337,7 @@ def check(cfg: ConfigDict, where: str = "config", values: bool = True) -> None:
         raise ConfigError(f"{where}: missing config keys {missing}; start from jft.config.default_config()")
     if values:
         _check_precision(cfg, where)
+        _check_vocabulary(cfg, where)
     cfg.lock()
 
 
@@ -355,6 +371,30 @@ def _check_precision(cfg: ConfigDict, where: str) -> None:
             "params' spacing (bf16: ~1e-4 at 0.02) are lost; use model.dtype='float32' (with "
             "compute_dtype='bfloat16') or optim.bf16_update='kahan'",
             stacklevel=3,
+        )
+
+
+def _check_vocabulary(cfg: ConfigDict, where: str) -> None:
+    """Refuse tokens that are no non-empty strings, a negative learn_tokens, an unknown train_rows,
+    and a vocabulary to extend with no pretrained model to extend."""
+    t = cfg.tokenizer
+    if t.train_rows not in TRAIN_ROWS:
+        raise ConfigError(f"{where}: tokenizer.train_rows={t.train_rows!r}; choose one of {TRAIN_ROWS}")
+    for i, token in enumerate(t.add_tokens):
+        if not isinstance(token, str) or not token.strip():
+            raise ConfigError(
+                f"{where}: tokenizer.add_tokens[{i}] is {token!r}; each token is a non-empty string, "
+                "e.g. tokenizer.add_tokens=('mRNA', 'CRISPR')"
+            )
+        if token in t.add_tokens[:i]:
+            raise ConfigError(f"{where}: tokenizer.add_tokens lists {token!r} twice; list each token once")
+    if t.learn_tokens < 0:
+        raise ConfigError(f"{where}: tokenizer.learn_tokens={t.learn_tokens}; use 0 (none) or a positive count")
+    if (t.add_tokens or t.learn_tokens) and (not cfg.model.path or t.train_on_data):
+        raise ConfigError(
+            f"{where}: tokenizer.add_tokens / learn_tokens extend the vocabulary of a pretrained model and its "
+            "tokenizer, so they need model.path and tokenizer.train_on_data=False; a new model takes its whole "
+            "vocabulary from its tokenizer (tokenizer.path, or train_on_data)"
         )
 
 

@@ -10,9 +10,12 @@ layer scan), so rules see them once per layer through the virtual path
     trainable, frozen = partition.split(params, labels)
     masks = partition.layer_masks(trainable, labels)    # for partially trainable stacks
 
-Labels per leaf: ``True`` (trainable), ``False`` (frozen), or a bool numpy vector
-``[num_layers]`` for a stacked leaf whose layers differ. Such a leaf lives whole in
-``trainable``; its frozen layers are held still by the masks (zeroed gradients and updates).
+Labels per leaf: ``True`` (trainable), ``False`` (frozen), a bool numpy vector ``[num_layers]``
+for a stacked leaf whose layers differ, or a bool array with the leaf's number of dimensions
+that broadcasts against it, e.g. ``[vocab, 1]`` for some rows of ``model/embed_tokens/embedding``
+(``jft.vocab.new_row_labels``; :func:`labels` itself gives the first three). A partly trainable
+leaf lives whole in ``trainable``; its frozen parts are held still by the masks (zeroed gradients
+and updates).
 """
 
 from __future__ import annotations
@@ -125,23 +128,26 @@ def join(trainable: Mapping, frozen: Mapping) -> dict:
 
 
 def layer_masks(trainable: Mapping, labels: Mapping) -> dict:
-    """Per trainable leaf: None (all of it trains) or a float32 mask ``[num_layers, 1, ...]``.
+    """Per trainable leaf: None (all of it trains) or a float32 mask that broadcasts against it.
 
-    The mask broadcasts against the leaf: 1 for trainable layers, 0 for frozen ones. Use it
-    with :func:`apply_layer_masks` on gradients and updates.
+    A ``[num_layers]`` label becomes ``[num_layers, 1, ...]``; a label with the leaf's number of
+    dimensions (``[vocab, 1]``) is kept as it is. 1 marks what trains, 0 what is held still. Use
+    it with :func:`apply_layer_masks` on gradients and updates.
     """
 
     def mask(path, leaf):
         lab = get_path(labels, path)
         if isinstance(lab, np.ndarray) and lab.ndim and not lab.all():
-            return lab.astype(np.float32).reshape((-1,) + (1,) * (len(_shape(leaf)) - 1))
+            ndim = len(_shape(leaf))
+            shape = lab.shape if lab.ndim == ndim else (-1,) + (1,) * (ndim - 1)
+            return lab.astype(np.float32).reshape(shape)
         return None
 
     return map_paths(mask, trainable)
 
 
 def apply_layer_masks(tree: Any, masks: Any) -> Any:
-    """Zero the frozen layers of ``tree`` (gradients or updates shaped like ``trainable``).
+    """Zero the frozen layers (or rows) of ``tree`` (gradients or updates shaped like ``trainable``).
 
     ``jnp.where`` rather than a product, so a NaN or inf elsewhere cannot leak into a
     frozen layer. ``masks=None`` (no partial leaves) returns ``tree`` unchanged.
@@ -156,7 +162,8 @@ def apply_layer_masks(tree: Any, masks: Any) -> Any:
 
 
 def summary(params: Mapping, labels: Mapping) -> str:
-    """One line: trainable / total parameter counts and the trainable percentage."""
+    """One line: trainable / total parameter counts and the trainable percentage (a partly
+    trainable leaf counts its trainable share: the mean of its broadcast label)."""
     total = trainable = 0
     for path, leaf in walk(params):
         size = int(np.prod(_shape(leaf)))

@@ -7,8 +7,8 @@ the jitted step (:mod:`jft.train.step`), the loop, final evaluation and export; 
 follow it. From ``jft train`` to the step: jft/cli.py -> this file -> jft/train/step.py.
 Everything a run writes goes to ``workdir``: config.json, tokenizer/, ckpt/ and best/ (Orbax;
 or under ``train.checkpoint_dir``, e.g. a gs:// bucket on a pod, with a copy of config.json),
-metrics.jsonl, tb/ (TensorBoard), loss.png, report.json, slices.json + slices.png (eval.slices)
-and hf/ (the model).
+metrics.jsonl, tb/ (TensorBoard), loss.png, report.json, slices.json + slices.png (eval.slices),
+vocabulary.json (tokenizer.add_tokens / learn_tokens) and hf/ (the model).
 Running ``fit`` again resumes from the latest checkpoint in the checkpoint root (the workdir or
 ``train.checkpoint_dir``), after checking the config against the one saved there. On a pod every
 host runs ``fit`` with the same config (after :func:`jft.sharding.initialize_distributed`);
@@ -18,11 +18,13 @@ process 0 writes the logs and exports.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -32,9 +34,10 @@ from etils import epath
 from jft import data as jdata
 from jft import metrics as jmetrics
 from jft import partition, peft, sharding
+from jft import vocab as jvocab
 from jft.config import ConfigDict, ConfigError, check, default_config, resolve_compute_dtype, to_json
 from jft.data.mixture import Part
-from jft.data.sources import source_files
+from jft.data.sources import pieces, read_piece, source_files
 from jft.hf import load_hf, load_tokenizer
 from jft.models import attention as attention_lib
 from jft.models.llama import LlamaConfig, LlamaForCausalLM
@@ -63,7 +66,8 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     Returns the final report: validation loss and perplexity before and after, generation
     metrics before and after, the final step (``steps``), the checkpoint step this call resumed
     from (``resumed_from``, 0 for a fresh start), the train steps this call ran (``steps_run``),
-    and where the outputs are.
+    with ``tokenizer.add_tokens`` / ``learn_tokens`` the tokens added and the tokens per word of
+    the training texts before and after (``vocabulary``), and where the outputs are.
     """
     # ------------------------------------------------------------------ Config
     check(config)
@@ -95,11 +99,14 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
 
     # ------------------------------------------------------------------ Model (created or read onto its shards)
     model, params = _model(cfg, tokenizer, mesh, rules, objective.model_overrides)
+    records = _training_records(cfg, train_pairs)
+    model, params, tokenizer, added = _vocabulary(cfg, workdir, model, params, tokenizer, records)
+    rows = _row_rules(cfg, objective, params, added)  # tokenizer.train_rows: the tables the new rows train in
     vocab = model.config.vocab_size
     if cfg.peft.methods:
-        spec = _peft_spec(cfg, tokenizer, objective.train_rules)
+        spec = _peft_spec(cfg, tokenizer, rows + objective.train_rules)
         model, params = peft.inject(model, params, spec, jax.random.key(cfg.train.seed + 1))
-    params = jax.device_put(params, sharding.param_shardings(model, mesh, rules, params))  # new PEFT leaves
+    params = jax.device_put(params, sharding.param_shardings(model, mesh, rules, params))  # new PEFT leaves and rows
 
     # ------------------------------------------------------------------ Tokens, rows, batches
     data = objective.rows((train_pairs, val_pairs), tokenizer, vocab)
@@ -121,6 +128,8 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     except Exception:  # refused: release Orbax's managers before the error leaves fit
         ckpts.close()
         raise
+    if main and added:
+        atomic_write(workdir / "vocabulary.json", lambda tmp: tmp.write_text(json.dumps(added, indent=2)))
     if main and not (workdir / "tokenizer").is_dir():  # renamed into place: never seen half-written
         atomic_write(workdir / "tokenizer", tokenizer.save_pretrained)
     prepared = objective.prepare_rows(model, params, data, workdir)  # after the checks: it may write there
@@ -133,7 +142,9 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     if cfg.peft.methods:
         labels = peft.labels(params, model.peft)
     else:
-        labels = partition.labels(params, objective.train_rules + tuple(map(tuple, cfg.train.rules)), num_layers)
+        labels = partition.labels(params, rows + objective.train_rules + tuple(map(tuple, cfg.train.rules)), num_layers)
+    if rows and cfg.tokenizer.train_rows == "new":  # of those tables, the new rows only
+        labels = jvocab.new_row_labels(labels, params, added["ids"], rows)
     _log(main, partition.summary(params, labels))
     _log(main, f"attention: {attention_lib.describe(cfg.model.attention, cfg.model.attention_chunk)}")
     params, labels = objective.add_frozen(model, params, labels, mesh, rules)  # e.g. a reference policy's copy
@@ -264,6 +275,9 @@ def fit(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     }
     if cfg.eval.slices and slices_file.exists():
         report["slices"] = str(slices_file)
+    if added:  # tokenizer.add_tokens / learn_tokens: the tokens and the fit to the training texts
+        fit = {k: added[k] for k in ("records", "tokens_per_word_before", "tokens_per_word_after")}
+        report["vocabulary"] = {"added": len(added["ids"]), "learned": len(added["learned"]), **fit}
     params = sharding.to_host(partition.join(state.trainable, state.frozen))  # all processes take part
     if main:  # merging and writing run on the host CPU: an accelerator may not hold the whole model
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
@@ -397,6 +411,16 @@ def _records(cfg, objective: Objective):
     return parts, validation
 
 
+def _training_records(cfg, train) -> Iterator[dict]:
+    """The records of :func:`_records`' train in order, read lazily (a source left on disk piece by piece)."""
+    for part in train if train and isinstance(train[0], Part) else [Part(train)]:
+        if isinstance(part.data, str):
+            for piece in pieces(part.data, text_unit=cfg.data.text_unit):
+                yield from (record for _, record in read_piece(piece))
+        else:
+            yield from (record for _, record in part.data)
+
+
 def _in_memory(train) -> list:
     """The ``(where, record)`` pairs of :func:`_records`' train, refusing sources left on disk."""
     if not (train and isinstance(train[0], Part)):
@@ -428,6 +452,84 @@ def _tokenizer(cfg, workdir: Path, train_pairs):
                 "or tokenizer.train_on_data=True for a new model"
             )
     return tokenizer
+
+
+VOCAB_RECORDS = 10_000  # training records read to learn tokens and measure tokens per word
+
+
+def _vocabulary(cfg, workdir: Path, model, params, tokenizer, records: Iterable[dict]):
+    """``(model, params, tokenizer, added)`` with the vocabulary extended by ``tokenizer.add_tokens``
+    and ``tokenizer.learn_tokens`` (:mod:`jft.vocab`); ``added`` (None without them) is what
+    workdir/vocabulary.json keeps: the settings, the learned tokens, the new ids and the tokens per
+    word of the first ``VOCAB_RECORDS`` training records before and after.
+
+    Resume-safe: the extension is always computed from the base tokenizer (tokenizer.path or
+    model.path; ``tokenizer`` may be the extended one a first run saved in the workdir) and the
+    base model, with the tokens learned on the first run when workdir/vocabulary.json holds them
+    for these settings, so that only a first run reads ``records``. A tokenizer saved in the
+    workdir must have exactly the extended vocabulary, and the new ids must be those of the first
+    run (TrainingError otherwise).
+    """
+    t = cfg.tokenizer
+    if not (t.add_tokens or t.learn_tokens):
+        return model, params, tokenizer, None
+    source = t.path or cfg.model.path
+    base = load_tokenizer(source)
+    if base is None:
+        raise ConfigError(
+            f"tokenizer.add_tokens / learn_tokens: {source} has no tokenizer to extend; set tokenizer.path"
+        )
+    settings = {"add_tokens": list(t.add_tokens), "learn_tokens": t.learn_tokens}
+    file, saved = workdir / "vocabulary.json", workdir / "tokenizer"
+    added = json.loads(file.read_text()) if file.is_file() else {}
+
+    def extend(learned):
+        try:
+            return jvocab.extend_vocabulary(model, params, base, [*t.add_tokens, *learned])
+        except ValueError as e:  # a 4-bit lm_head
+            raise ConfigError(
+                f"tokenizer.add_tokens / learn_tokens: {e} (or keep lm_head in model.quantize_skip)"
+            ) from e
+
+    if {k: added.get(k) for k in settings} == settings:  # a resume: the first run's tokens, no data read
+        model, params, extended, ids = extend(added["learned"])
+        if ids != added["ids"]:
+            raise TrainingError(
+                f"{file}: the first run added ids {added['ids']}, this one {ids}: the tokenizer of {source} has "
+                "changed since. Point tokenizer.path at the tokenizer of the first run, or use a new workdir."
+            )
+    else:
+        sample = list(itertools.islice(records, VOCAB_RECORDS))
+        texts = [s for r in sample for s in _strings(r)]
+        learned = jvocab.learn_tokens(base, texts, t.learn_tokens, skip=t.add_tokens)
+        before = jvocab.tokens_per_word(base, texts)
+        model, params, extended, ids = extend(learned)
+        after = jvocab.tokens_per_word(extended, texts)
+        added = {**settings, "learned": learned, "ids": ids, "records": len(sample)}
+        added.update(tokens_per_word_before=before, tokens_per_word_after=after)
+    if saved.is_dir() and tokenizer.get_vocab() != extended.get_vocab():
+        raise TrainingError(
+            f"{saved} holds {len(tokenizer)} tokens, but the tokenizer of {source} with tokenizer.add_tokens and "
+            f"the learned tokens has {len(extended)} (or other ids): a run with other tokens saved it. Use a new "
+            f"workdir, or remove {saved} and {file} (and the checkpoints) to start this run afresh."
+        )
+    where = f"as ids {ids[0]}..{ids[-1]}" if ids else "(all known already)"
+    _log(
+        jax.process_index() == 0,
+        f"vocabulary: {len(ids)} tokens added {where}, {len(added['learned'])} of them learned; tokens per word on "
+        f"{added['records']} training records: {added['tokens_per_word_before']:.3f} -> "
+        f"{added['tokens_per_word_after']:.3f}",
+    )
+    return model, params, tokenizer if saved.is_dir() else extended, added
+
+
+def _row_rules(cfg, objective, params, added) -> tuple:
+    """The partition rules that train the vocabulary tables which the run's own rules freeze
+    (train.rules, or peft.train under PEFT) when ``tokenizer.train_rows`` says the new rows train."""
+    if not added or not added["ids"]:
+        return ()
+    own = objective.train_rules + tuple(map(tuple, cfg.peft.train if cfg.peft.methods else cfg.train.rules))
+    return jvocab.table_rules(params, own, cfg.tokenizer.train_rows)
 
 
 def _model(cfg, tokenizer, mesh, rules, objective_overrides):
