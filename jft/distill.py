@@ -461,7 +461,8 @@ def distill(config: ConfigDict, workdir: str | os.PathLike) -> dict:
     rest of ``WORKDIR`` is what ``fit`` writes. Returns the report.
     """
     from jft.train import fit
-    from jft.train.trainer import _model, _objective, _records, score
+    from jft.train.inputs import records
+    from jft.train.trainer import _model, _objective, score
 
     check(config)
     cfg, d = config, config.distill
@@ -538,8 +539,8 @@ def distill(config: ConfigDict, workdir: str | os.PathLike) -> dict:
         raise DataError(f"every generated response was dropped ({dropped}); see {out / GENERATIONS}")
 
     student_cfg = ConfigDict(cfg.to_dict())  # a copy: the caller's config stays as it was
-    student_cfg.data.train = str(out / DATA)
-    val_pairs = _records(student_cfg)[1]  # the held-out records fit scores too
+    student_cfg.data.train, student_cfg.data.mixture = str(out / DATA), ()
+    val_pairs = records(student_cfg, _objective(student_cfg))[1]  # the held-out records fit scores too
 
     # ------------------------------------------------------------------ Teacher scores, speed; then freed
     teacher_report = {

@@ -30,6 +30,7 @@ import numpy as np
 
 from jft import partition
 from jft.quant import QuantizedWeight
+from jft.sharding import to_host
 from jft.tree import get_path, has_path, set_path, walk
 
 # The vocabulary's tables: param path -> the axis their rows (one per token id) lie along.
@@ -65,7 +66,7 @@ def _grown(table, axis: int, old: int, vocab: int, new_ids: list[int], name: str
     """``table`` with ``vocab`` entries along ``axis``; the ``new_ids`` entries are the mean of the first ``old``."""
     if isinstance(table, QuantizedWeight):
         raise ValueError(f"{name} is 4-bit; extend the vocabulary of the unquantized model, then quantize it")
-    x = np.asarray(table)
+    x = np.asarray(to_host(table))  # on a pod, every host gathers the table (all hosts extend it)
     rows = np.moveaxis(x, axis, 0)  # [vocab, ...]
     mean = rows[:old].astype(np.float64).mean(0).astype(x.dtype)
     grown = np.concatenate([rows, np.broadcast_to(mean, (vocab - len(rows), *rows.shape[1:]))])

@@ -264,3 +264,25 @@ def test_a_vocabulary_needs_a_pretrained_model(tmp_path):
     with pytest.raises(ConfigError, match="need model.path and tokenizer.train_on_data=False"):
         fit(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_continued_pretraining_config_streams_a_mixture_and_extends_the_vocabulary(hf_base, tmp_path):
+    """configs/cpt_llama.py as its docstring runs it: a folder of .txt shards mixed 9:1 with
+    instruction records, tokenized into data.cache_dir, with a domain token added."""
+    folder, _ = hf_base
+    corpus = tmp_path / "domain"
+    corpus.mkdir()
+    for i in range(2):
+        (corpus / f"part-{i}.txt").write_text("".join(f"hello mRNA world {'hello ' * (j % 4)}\n" for j in range(30)))
+    instructions = tmp_path / "instructions.jsonl"
+    instructions.write_text(json.dumps({"instruction": "hello", "output": "world mRNA"}) + "\n")
+    validation = _texts_file(tmp_path / "validation.jsonl", ["hello mRNA world"] * 4)
+    cfg = _run_config("cpt_llama", folder, "", 2, add_tokens=("mRNA",))
+    cfg.data.mixture = ((str(corpus), 0.9), (str(instructions), 0.1))
+    cfg.data.validation, cfg.data.cache_dir, cfg.data.num_proc = str(validation), str(tmp_path / "cache"), 1
+    cfg.train.grad_accum = 1
+    report = fit(cfg, tmp_path / "run")
+    assert report["steps"] == 2 and report["vocabulary"]["added"] == 1
+    assert "60 records" in report["train_data"] and "mixture of 2 sources (0.9: 11 rows" in report["train_data"]
+    assert report["vocabulary"]["records"] == 61  # the first records of the mixture's sources, in order
+    assert len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 2  # one per source

@@ -1,4 +1,4 @@
-"""``TrainState``: everything a train step reads and returns, as one pytree."""
+"""``TrainState``: everything a train step reads and returns, as one pytree; ``TrainingError``."""
 
 from __future__ import annotations
 
@@ -42,3 +42,7 @@ class TrainState:
     def params(self) -> dict:
         """The full parameter tree (``partition.join(trainable, frozen)``)."""
         return partition.join(self.trainable, self.frozen)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, a workdir of another run), with what to do."""
