@@ -139,7 +139,7 @@ def train(mode: str, folder: Path, num_proc: int, workdir: Path, steps: int) -> 
 
     def timed(*args, **kwargs):  # the first step's metrics are fetched here (log_every = 1)
         out = flush(*args, **kwargs)
-        if not first:
+        if "seconds" not in first:
             first.update(
                 seconds=time.perf_counter() - start,
                 rss_main=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -83,6 +83,8 @@ def _in_memory(train) -> list:
 
 
 def run_tokenizer(cfg, workdir: Path, train_pairs):
+    """The run's tokenizer: the one a first run saved in the workdir, else ``tokenizer.path`` (or
+    ``model.path``)'s, else a BPE trained on the training records (``tokenizer.train_on_data``)."""
     saved = workdir / "tokenizer"
     if saved.is_dir():
         return load_tokenizer(saved)
