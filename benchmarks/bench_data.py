@@ -185,7 +185,7 @@ def main() -> None:
     folder = corpus(args.workdir, args.records, args.words, args.format)
     if args.worker in ("pipeline-fit", "cache-fit"):
         steps = int(os.environ["BENCH_STEPS"])
-        print(json.dumps(train(args.worker, folder, args.num_proc, args.workdir / folder.name, steps)))
+        print(json.dumps(train(args.worker, folder, args.num_proc, args.workdir / f"runs-{folder.name}", steps)))
         return
     if args.worker:
         print(json.dumps(work(args.worker, folder, args.num_proc)))
@@ -202,7 +202,7 @@ def main() -> None:
     if args.train:
         import shutil
 
-        shutil.rmtree(args.workdir / folder.name, ignore_errors=True)  # fresh runs, an empty cache
+        shutil.rmtree(args.workdir / f"runs-{folder.name}", ignore_errors=True)  # fresh runs, an empty cache
         print(f"{'':14} {'run':7} {'s to batch 1':>12} {'s to step 1':>11} {'RSS main':>9} {'RSS worker':>10}")
         for mode in ("pipeline-fit", "cache-fit"):
             for steps, run_name in ((1, "fresh"), (2, "resume")):
