@@ -27,15 +27,18 @@ temporary folder renamed into place when complete, so a crash never leaves a fol
 finished; a damaged one (missing or truncated file, bad manifest) is a :class:`DataError` naming
 the file and saying to delete the folder.
 
-Workers are ``multiprocessing`` processes that encode chunks of records (``encode_example``, one
-record at a time) and send back arrays; the main process writes them, in record order, as shards.
+Workers are ``multiprocessing`` processes that encode the pieces of local files (which they read
+themselves, :mod:`jft.data.sources`) or chunks of in-memory records, with ``encode_example``, one
+record at a time, and send back arrays; the main process writes them, in order, as shards.
 Workers fork on Linux while JAX has no backend running (nothing multithreaded to inherit), else
-spawn. ``datasets.map(num_proc=...)`` was measured against it with ``benchmarks/bench_data.py
---records 16000 --words 100 --format instruction --compare-datasets --num-proc 2`` (4.3M tokens, a
-2-core VM, imports included): tokenize_records 7.9 s, this cache 5.9 s, datasets.map 7.7 s, whose workers also peaked
-higher (398 vs 277 MiB) and which first copies every record into Arrow and writes an Arrow cache
-of its own. Worse, ``Dataset.from_list`` takes its columns from the first record, so in a mix of
-formats it silently turns ``{"instruction", "output"}`` records into ``{"text": None}``.
+spawn. ``datasets.map(num_proc=...)`` was measured against it (``benchmarks/bench_data.py
+--records 760000 --words 200 --num-proc 2 --train --compare-datasets``: 201M tokens, a 2-core VM,
+imports included): 581k tokens/s per core against datasets.map's 204k and tokenize_records' 372k
+(one process), with a main process of 705 MiB against 6.9 GB and 3.5 GB; a resumed run reaches
+its first batch 5.8 s after it starts, at 1.15 GB RSS, the same as at a tenth of the size
+(benchmarks/RESULTS.md). ``datasets.map`` also first copies every record into Arrow and writes an
+Arrow cache per worker, and ``Dataset.from_list`` takes its columns from the first record, so in a
+mix of formats it silently turns ``{"instruction", "output"}`` records into ``{"text": None}``.
 """
 
 from __future__ import annotations

@@ -229,7 +229,9 @@ class Batches:
     ``drop_remainder=False`` the last batch of an epoch is filled with empty rows (weight 0),
     so every batch has the same shape. ``positions`` (indices into a batch) makes every batch
     just those of its rows: on a pod each host builds only the rows its devices hold
-    (:func:`jft.sharding.host_rows`), and the global batch is the same for any host count.
+    (:func:`jft.sharding.host_rows`), and the global batch is the same for any host count
+    (Grain's sampler shards the records per host instead, so its global batches change with the
+    host count: benchmarks/grain_host_order.py).
 
         batches = Batches(rows, batch_size=8, seed=0)
         batch = next(batches)               # dict of [8, seq_len] arrays
