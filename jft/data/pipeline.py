@@ -1,6 +1,6 @@
-"""Sources -> records -> examples -> rows -> batches, in a deterministic, resumable order.
+"""Records -> examples -> rows -> batches, in a deterministic, resumable order.
 
-    pairs = load_records("train.jsonl")                     # [(where, record), ...]
+    pairs = load_records("train.jsonl")                     # jft.data.sources: [(where, record), ...]
     examples, stats = tokenize_records(pairs, tokenizer, vocab_size=V, max_length=L)
     rows = pack(examples, L)                                # dicts of [L] arrays
     batches = Batches(rows, batch_size=8, seed=0)

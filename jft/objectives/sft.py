@@ -69,7 +69,6 @@ class SFT(Objective):
     generation metrics of ``eval``."""
 
     name = "sft"
-
     mixes = True
 
     def rows(self, records, tokenizer, vocab):
