@@ -230,6 +230,38 @@ def to_host(tree):
     return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), tree)
 
 
+def once_per_disk(folder, make):
+    """``make()`` on every process, but run first and alone by process 0 where the hosts share
+    ``folder``'s disk: process 0 leaves a marker file in ``folder``; a host that sees it (a shared
+    disk) waits for process 0's ``make()`` and then calls its own, which finds what process 0 wrote
+    (``jft.data.cache.build_cache`` reuses a finished cache); a host that does not (a local disk)
+    makes its own while process 0 does. One process: ``make()``. Every process must call it."""
+    from pathlib import Path
+
+    if jax.process_count() == 1:
+        return make()
+    folder = Path(folder).expanduser()
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.default_rng().integers(1 << 30))))
+    marker = folder / f".jft-host0-{token}"
+    if jax.process_index() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    multihost_utils.sync_global_devices("jft once_per_disk: marker written")
+    shared = jax.process_index() != 0 and marker.exists()
+    out = error = None
+    if not shared:
+        try:
+            out = make()
+        except Exception as e:  # the other hosts must still pass the barrier; they fail alike in make()
+            error = e
+    multihost_utils.sync_global_devices("jft once_per_disk: process 0 done")
+    if jax.process_index() == 0:
+        marker.unlink()
+    if error is not None:
+        raise error
+    return make() if shared else out
+
+
 @contextlib.contextmanager
 def scope(mesh: Mesh | None, rules=DEFAULT_RULES):
     """Trace-time context in which :func:`constrain` applies its sharding constraints (the train

@@ -201,6 +201,29 @@ def multihost_batches(process_id: str, port: str, seq_len: str, *folders: str) -
     return {"processes": jax.process_count(), "local": len(jax.local_devices()), "batches": global_batches(rows, 9, 6)}
 
 
+def multihost_cache(process_id: str, port: str, root: str, seq_len: str, data: str, tokenizer: str) -> dict:
+    """``once_per_disk`` around ``build_cache`` as one of two processes: on a disk both see (one
+    cache root), then on disks of their own (a root per process): which process tokenized."""
+    from transformers import AutoTokenizer
+
+    import jft.data.cache as cache_mod
+
+    sharding.initialize_distributed(f"localhost:{port}", 2, int(process_id))
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    written = []
+    write = cache_mod._write
+    cache_mod._write = lambda tmp, *a, **k: written.append(1) or write(tmp, *a, **k)
+    out = {}
+    for disk, where in (("shared", Path(root) / "shared"), ("local", Path(root) / f"local-{process_id}")):
+        build = lambda where=where: cache_mod.build_cache(
+            data, tok, cache_root=where, vocab_size=len(tok), max_length=int(seq_len), progress=False
+        )
+        written.clear()
+        folder = sharding.once_per_disk(where, build).folder
+        out[disk] = {"wrote": len(written), "folder": folder.name, "left": sorted(p.name for p in where.iterdir())}
+    return out
+
+
 def peft_shardings() -> dict:
     """Every method of test_peft.METHODS on a data=2 x fsdp=2 x tensor=2 mesh: each leaf's shape,
     spec and shard on device 0 as placed by ``jax.device_put``, and a forward of the placed params
@@ -353,6 +376,7 @@ def ppo(workdir: str) -> dict:
 if __name__ == "__main__":
     commands = {"full": run, "lora": run, "qlora": run, "errors": errors, "checkpoint": checkpoint}
     commands.update(fit=fit, multihost=multihost, multihost_batches=multihost_batches)
+    commands.update(multihost_cache=multihost_cache)
     commands.update(step_memory=step_memory)
     commands.update(peft_shardings=peft_shardings, kernel_on_mesh=kernel_on_mesh, dpo=dpo, grpo=grpo, ppo=ppo)
     args = sys.argv[2:] if COMMAND not in ("full", "lora", "qlora") else [COMMAND]

@@ -155,6 +155,28 @@ def test_two_hosts_read_their_shares_of_the_same_global_batches(tmp_path, bpe, p
     assert results[0]["batches"] == results[1]["batches"] == want
 
 
+def test_a_pod_on_a_shared_disk_tokenizes_once(tmp_path, bpe, pairs):  # noqa: F811
+    """Two processes build the data cache through once_per_disk: on one disk only process 0
+    tokenizes and process 1 opens its cache; on disks of their own each tokenizes its own."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for _, r in pairs[:40]))
+    bpe.save_pretrained(tmp_path / "tok")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    args = [port, str(tmp_path / "root"), "256", str(data), str(tmp_path / "tok")]
+    command = lambda i: [sys.executable, str(WORKER), "multihost_cache", str(i), *args]
+    hosts = [subprocess.Popen(command(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    results = []
+    for host in hosts:
+        out, err = host.communicate(timeout=600)
+        assert host.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["shared"]["wrote"] for r in results] == [1, 0] and [r["local"]["wrote"] for r in results] == [1, 1]
+    assert results[0]["shared"]["folder"] == results[1]["shared"]["folder"] == results[0]["local"]["folder"]
+    assert results[0]["shared"]["left"] == [results[0]["shared"]["folder"]]  # the marker file is gone
+
+
 def _expected_peft_spec(path: str, base: dict, ia3: str | None, phm: bool) -> list:
     """The mesh axes a PEFT leaf is designed to get on a data x fsdp x tensor mesh (default rules),
     from the spec of the base kernel it belongs to: LoRA A ``[in, r]`` takes the kernel's input

@@ -131,18 +131,21 @@ def cached_rows(cfg, data, tokenizer, vocab_size: int):
     from jft.data.cache import CachedRows, build_cache
 
     d = cfg.data
-    cache = build_cache(
-        data,
-        tokenizer,
-        cache_root=d.cache_dir,
-        vocab_size=vocab_size,
-        **encoding(cfg),
-        seq_len=d.seq_len,
-        packed=d.pack,
-        num_proc=d.num_proc,
-        text_unit=d.text_unit,
-        progress=jax.process_index() == 0,
-    )
+    cache = sharding.once_per_disk(
+        d.cache_dir,
+        lambda: build_cache(
+            data,
+            tokenizer,
+            cache_root=d.cache_dir,
+            vocab_size=vocab_size,
+            **encoding(cfg),
+            seq_len=d.seq_len,
+            packed=d.pack,
+            num_proc=d.num_proc,
+            text_unit=d.text_unit,
+            progress=jax.process_index() == 0,
+        ),
+    )  # a pod on a shared disk tokenizes once
     return CachedRows(cache, d.seq_len, d.pack)
 
 
