@@ -117,6 +117,22 @@ def test_fit_on_two_hosts_then_resume_on_another_mesh(tmp_path):
     assert abs(resumed["loss"] - one["after"]["loss"]) < 1e-3
 
 
+def two_hosts(command: str, *args: str) -> list[dict]:
+    """The JSON results of the worker's ``command`` run as processes 0 and 1 of two joined by
+    ``jax.distributed`` on localhost (4 CPU devices each)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    argv = lambda i: [sys.executable, str(WORKER), command, str(i), port, *args]
+    hosts = [subprocess.Popen(argv(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    results = []
+    for host in hosts:
+        out, err = host.communicate(timeout=600)
+        assert host.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
 def test_two_hosts_read_their_shares_of_the_same_global_batches(tmp_path, bpe, pairs):  # noqa: F811
     """Two processes x 4 devices, each reading only its rows of every batch of a mixture of two
     cached sources (data=2 x fsdp=4, 2 accumulation steps), then a reader restored mid-epoch,
@@ -131,17 +147,7 @@ def test_two_hosts_read_their_shares_of_the_same_global_batches(tmp_path, bpe, p
 
     caches = [build_cache(p, bpe, cache_root=tmp_path, **SETTINGS) for p in (pairs[:60], pairs[60:80])]
     seq_len = str(SETTINGS["max_length"])
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
-    args = [port, seq_len, *(str(c.folder) for c in caches)]
-    command = lambda i: [sys.executable, str(WORKER), "multihost_batches", str(i), *args]
-    hosts = [subprocess.Popen(command(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-    results = []
-    for host in hosts:
-        out, err = host.communicate(timeout=600)
-        assert host.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = two_hosts("multihost_batches", seq_len, *(str(c.folder) for c in caches))
     mix = Mixture([CachedRows(c, SETTINGS["max_length"]) for c in caches], [0.7, 0.3], seed=7)
     reader = Batches(mix, 16, seed=7)
     assert reader.steps_per_epoch < 9 and 6 % reader.steps_per_epoch  # restored mid-epoch, on into the next
@@ -161,17 +167,7 @@ def test_a_pod_on_a_shared_disk_tokenizes_once(tmp_path, bpe, pairs):  # noqa: F
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for _, r in pairs[:40]))
     bpe.save_pretrained(tmp_path / "tok")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
-    args = [port, str(tmp_path / "root"), "256", str(data), str(tmp_path / "tok")]
-    command = lambda i: [sys.executable, str(WORKER), "multihost_cache", str(i), *args]
-    hosts = [subprocess.Popen(command(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-    results = []
-    for host in hosts:
-        out, err = host.communicate(timeout=600)
-        assert host.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = two_hosts("multihost_cache", str(tmp_path / "root"), "256", str(data), str(tmp_path / "tok"))
     assert [r["shared"]["wrote"] for r in results] == [1, 0] and [r["local"]["wrote"] for r in results] == [1, 1]
     assert results[0]["shared"]["folder"] == results[1]["shared"]["folder"] == results[0]["local"]["folder"]
     assert results[0]["shared"]["left"] == [results[0]["shared"]["folder"]]  # the marker file is gone
