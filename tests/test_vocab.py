@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_hf import tiny_tokenizer
+from test_trainer import _peft_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jft
@@ -147,17 +148,7 @@ def _texts_file(path: Path, texts: list[str]) -> Path:
 
 def _run_config(config: str, folder, data, steps: int, **tokenizer):
     """``configs/{config}.py`` on the tiny model ``folder``, a few steps, no generation."""
-    overrides = [
-        f"--config.model.path={folder}",
-        f"--config.data.train={data}",
-        "--config.model.compute_dtype=float32",
-        "--config.data.seq_len=32",
-        "--config.train.batch_size=4",
-        f"--config.train.max_steps={steps}",
-        "--config.train.eval_every=0",
-        f"--config.train.checkpoint_every={steps}",
-        "--config.eval.num_examples=0",
-    ]
+    overrides = _peft_overrides(folder, data, steps)
     cfg = load_config(Path(__file__).parent.parent / "configs" / f"{config}.py", overrides)
     for k, v in tokenizer.items():
         cfg.tokenizer[k] = v

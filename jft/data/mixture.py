@@ -32,6 +32,11 @@ class Part:
     weight: float = 1.0
 
 
+def as_parts(train) -> list[Part]:
+    """A run's training data as parts: a list of :class:`Part` s as it is, records as one part."""
+    return train if train and isinstance(train[0], Part) else [Part(train)]
+
+
 class Mixture(Sequence):
     """Rows of ``parts`` (sequences of row dicts) at ``weights`` (see the module docstring)."""
 
@@ -80,4 +85,4 @@ class Mixture(Sequence):
         return f"mixture of {len(self.parts)} sources ({'; '.join(shares)} places per epoch)"
 
 
-__all__ = ["Mixture", "Part"]
+__all__ = ["Mixture", "Part", "as_parts"]

@@ -144,6 +144,11 @@ def read_piece(piece: Piece) -> Iterator[tuple[str, dict]]:
         pairs = _json(path)
     else:
         pairs = _csv(path)
+    yield from _objects(pairs)
+
+
+def _objects(pairs) -> Iterator[tuple[str, dict]]:
+    """``pairs``, refusing a record that is not an object of fields (naming where it is)."""
     for where, record in pairs:
         if not isinstance(record, dict):
             raise DataError(f"{where}: record is a {type(record).__name__}, expected an object of fields")
@@ -267,13 +272,8 @@ def load_records(
     if files is not None:
         pairs = [pair for f in files for pair in read_piece(Piece(str(f), text_unit=text_unit))]
     else:
-        if source.startswith("tfds:"):
-            pairs = _tfds(source[5:], split, data_dir)
-        else:
-            pairs = _hub(source, split)
-        for where, record in pairs:
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: record is a {type(record).__name__}, expected an object of fields")
+        named = _tfds(source[5:], split, data_dir) if source.startswith("tfds:") else _hub(source, split)
+        pairs = list(_objects(named))
     if not pairs:
         raise DataError(f"{source}: no records (the source is empty)")
     return pairs

@@ -13,7 +13,7 @@ import numpy as np
 from jft import data as jdata
 from jft import metrics as jmetrics
 from jft import partition, sharding
-from jft.data.mixture import Mixture, Part
+from jft.data.mixture import Mixture, as_parts
 from jft.losses import chunked_cross_entropy, token_log_probs
 from jft.objectives.base import Objective, hidden_states, model_params, per_weight
 
@@ -75,7 +75,7 @@ class SFT(Objective):
         """The packed rows; the training records may be :class:`jft.data.mixture.Part` s (a
         ``data.mixture``, or sources the data cache's workers read), mixed at their weights."""
         cfg, (train, validation) = self.cfg, records
-        parts = train if train and isinstance(train[0], Part) else [Part(train)]
+        parts = as_parts(train)
         rows, stats, self.train_counts = [], [], np.zeros(vocab, np.int64)  # the frequency slices
         for part in parts:
             part_rows, part_stats, counts = self._rows(part.data, tokenizer, vocab, cached=bool(cfg.data.cache_dir))

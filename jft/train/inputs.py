@@ -20,7 +20,7 @@ import jax
 from jft import data as jdata
 from jft import vocab as jvocab
 from jft.config import ConfigError
-from jft.data.mixture import Part
+from jft.data.mixture import Part, as_parts
 from jft.data.sources import pieces, read_piece, source_files
 from jft.hf import load_tokenizer
 from jft.objectives import Objective
@@ -61,7 +61,7 @@ def records(cfg, objective: Objective):
 
 def training_records(cfg, train) -> Iterator[dict]:
     """The records of :func:`records`' train in order, read lazily (a source left on disk piece by piece)."""
-    for part in train if train and isinstance(train[0], Part) else [Part(train)]:
+    for part in as_parts(train):
         if isinstance(part.data, str):
             for piece in pieces(part.data, text_unit=cfg.data.text_unit):
                 yield from (record for _, record in read_piece(piece))
@@ -71,15 +71,14 @@ def training_records(cfg, train) -> Iterator[dict]:
 
 def _in_memory(train) -> list:
     """The ``(where, record)`` pairs of :func:`records`' train, refusing sources left on disk."""
-    if not (train and isinstance(train[0], Part)):
-        return train
-    if any(isinstance(p.data, str) for p in train):
+    parts = as_parts(train)
+    if any(isinstance(p.data, str) for p in parts):
         raise ConfigError(
             "tokenizer.train_on_data reads every training record into memory, but data.cache_dir with "
             "data.validation leaves the training files on disk; train a tokenizer first "
             "(jft.tokenizer.train_bpe_tokenizer) and set tokenizer.path"
         )
-    return [pair for p in train for pair in p.data]
+    return [pair for p in parts for pair in p.data]
 
 
 def run_tokenizer(cfg, workdir: Path, train_pairs):
